@@ -1,0 +1,15 @@
+"""vLLM + Ray on Hygon DCU clusters, declared: the stack config in, the whole deployment out."""
+
+import pulumi
+
+from components.config import ConfigError, load_stack_config
+from components.deployment import Deployment, DeploymentArgs
+
+try:
+    config, secrets = load_stack_config()
+except ConfigError as error:
+    raise pulumi.RunError(str(error)) from None
+
+deployment = Deployment(config.cluster_name, DeploymentArgs(config, secrets))
+for key, value in deployment.outputs.items():
+    pulumi.export(key, value)

@@ -1,0 +1,74 @@
+"""ModelServer: one served model — the launcher in its own container on the head, supervised by
+Docker's restart policy — and a health gate the gateway waits for. Changing one model's settings
+replaces this container alone; the Ray containers never see it."""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass, replace
+
+import pulumi
+
+from components.config import StackConfig
+from components.containers import (
+    SERVER_ENTRY, declare_container, node_container_spec, serve_spec, to_env_json,
+)
+from components.host import Host
+
+HEALTH_POLL_SECONDS = 5
+
+
+def server_health_script(container: str, port: int, timeout_s: int) -> str:
+    """Wait until the server answers /health; on timeout show its last log lines, not a bare error."""
+    name = shlex.quote(container)
+    probe = f"import urllib.request; urllib.request.urlopen('http://127.0.0.1:{port}/health', timeout=5)"
+    return "\n".join([
+        f"deadline=$(( $(date +%s) + {timeout_s} ))",
+        f"until docker exec {name} python3 -c {shlex.quote(probe)} >/dev/null 2>&1; do",
+        '  if [ "$(date +%s)" -ge "$deadline" ]; then',
+        f'    echo "model server {container} is not healthy after {timeout_s}s (timeouts.serverReady); its last log lines:" >&2',
+        f"    docker logs --tail 40 {name} >&2",
+        "    exit 1",
+        "  fi",
+        f"  sleep {HEALTH_POLL_SECONDS}",
+        "done",
+        f"echo {name} healthy",
+    ])
+
+
+@dataclass
+class ModelServerArgs:
+    config: StackConfig
+    index: int
+    host: Host
+    image_id: pulumi.Input[str]
+    cluster_ready: pulumi.Resource
+    model_verified: list[pulumi.Resource]
+
+
+class ModelServer(pulumi.ComponentResource):
+    def __init__(self, name: str, args: ModelServerArgs, opts: pulumi.ResourceOptions | None = None):
+        super().__init__("vllm-dcu:index:ModelServer", name, None, opts)
+        config = args.config
+        model = config.models[args.index]
+        spec = serve_spec(config, args.index)
+        node_spec = node_container_spec(config, config.head, f"server-{model.name}", list(SERVER_ENTRY))
+        container_spec = replace(node_spec, envs={**node_spec.envs, "NODE_RUNTIME_SERVE_SPEC": to_env_json(spec)})
+        self.container = declare_container(
+            f"{name}-container",
+            container_spec,
+            image=args.image_id,
+            host=args.host,
+            parent=self,
+            depends_on=[args.cluster_ready, *args.model_verified],
+        )
+        self.healthy = args.host.run(
+            f"{name}-healthy",
+            server_health_script(container_spec.name, spec["port"], config.timeouts.server_ready),
+            triggers=[self.container.id],
+            timeout=config.timeouts.server_ready + 60,
+            parent=self,
+            depends_on=[self.container],
+        )
+        self.url = f"http://127.0.0.1:{spec['port']}"
+        self.register_outputs({"containerId": self.container.id, "url": self.url})

@@ -1,0 +1,36 @@
+"""RayWorker: one worker node's Ray container, joined to the head."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pulumi
+
+from components.config import StackConfig
+from components.containers import declare_container, node_container_spec, ray_start_command
+from components.host import Host
+from components.ray_head import RayHead
+
+
+@dataclass
+class RayWorkerArgs:
+    config: StackConfig
+    host: Host
+    image_id: pulumi.Input[str]
+    head: RayHead
+
+
+class RayWorker(pulumi.ComponentResource):
+    def __init__(self, name: str, args: RayWorkerArgs, opts: pulumi.ResourceOptions | None = None):
+        super().__init__("vllm-dcu:index:RayWorker", name, None, opts)
+        node = args.host.node
+        spec = node_container_spec(args.config, node, "ray-worker", ray_start_command(args.config, node))
+        self.container = declare_container(
+            f"{name}-container",
+            spec,
+            image=args.image_id,
+            host=args.host,
+            parent=self,
+            depends_on=[*args.host.ready, args.head.container],
+        )
+        self.register_outputs({"containerId": self.container.id, "address": node.address})

@@ -1,0 +1,179 @@
+"""Run the real Pulumi program under Pulumi's mocks and record what it registers.
+
+`run_program(config)` returns every resource with its inputs (secrets unwrapped, with the paths
+that were secret), its parent, its explicit and implicit dependencies and its provider, plus the
+stack outputs. Unit tests assert on that record; the e2e applier applies it to real hosts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import runpy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pulumi
+from pulumi.runtime import mocks as pulumi_mocks
+from pulumi.runtime import rpc
+from pulumi.runtime.settings import ROOT
+from pulumi.runtime.stack import run_pulumi_func
+from pulumi.runtime.sync_await import _sync_await
+
+PROJECT = "vllm-dcu"
+REPO = Path(__file__).resolve().parents[2]
+SECRET_KEYS = ("sshPrivateKey", "hfToken", "modelscopeToken", "apiKey")
+
+
+@dataclass
+class RecordedResource:
+    urn: str
+    type: str
+    name: str
+    inputs: dict[str, Any]
+    parent: str | None
+    dependencies: list[str]
+    provider: str | None
+    custom: bool
+    retain_on_delete: bool
+    secret_paths: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ProgramRun:
+    resources: list[RecordedResource]
+    outputs: dict[str, Any]
+    error: BaseException | None = None
+
+    def of_type(self, type_: str) -> list[RecordedResource]:
+        return [r for r in self.resources if r.type == type_]
+
+    def named(self, name: str) -> RecordedResource:
+        matches = [r for r in self.resources if r.name == name]
+        if len(matches) != 1:
+            raise KeyError(f"{len(matches)} resources named {name!r}; names: {sorted(r.name for r in self.resources)}")
+        return matches[0]
+
+    def by_urn(self, urn: str) -> RecordedResource:
+        return next(r for r in self.resources if r.urn == urn)
+
+    def depends_on(self, resource: RecordedResource, other: RecordedResource) -> bool:
+        """Whether `resource` waits for `other`, directly, through a component, or through a chain."""
+        seen: set[str] = set()
+        stack = [resource.urn]
+        while stack:
+            urn = stack.pop()
+            if urn in seen:
+                continue
+            seen.add(urn)
+            current = self.by_urn(urn)
+            for dep in current.dependencies:
+                if dep == other.urn or self._contains(dep, other.urn):
+                    return True
+                stack.append(dep)
+        return False
+
+    def _contains(self, component_urn: str, urn: str) -> bool:
+        """A dependency on a component is a dependency on everything inside it."""
+        parent = self.by_urn(urn).parent
+        while parent:
+            if parent == component_urn:
+                return True
+            parent = next((r.parent for r in self.resources if r.urn == parent), None)
+        return False
+
+
+def _unwrap_secrets(value: Any, path: str, secret_paths: list[str]) -> Any:
+    if isinstance(value, dict):
+        if value.get(rpc._special_sig_key) == rpc._special_secret_sig:
+            secret_paths.append(path)
+            return _unwrap_secrets(value["value"], path, secret_paths)
+        return {k: _unwrap_secrets(v, f"{path}.{k}" if path else k, secret_paths) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_unwrap_secrets(v, f"{path}[{i}]", secret_paths) for i, v in enumerate(value)]
+    return value
+
+
+class ProgramMocks(pulumi.runtime.Mocks):
+    """Fills what providers compute, as the real ones would."""
+
+    def new_resource(self, args: pulumi.runtime.MockResourceArgs):
+        state = dict(args.inputs)
+        if args.typ == "docker:index/image:Image":
+            digest = hashlib.sha256(state["imageName"].encode()).hexdigest()
+            state["repoDigest"] = f"{state['imageName'].rsplit(':', 1)[0]}@sha256:{digest}"
+        elif args.typ in ("command:remote:Command", "command:local:Command"):
+            state["stdout"] = _command_stdout(args.name, state.get("create", ""))
+            state["stderr"] = ""
+        elif args.typ == "docker:index/remoteImage:RemoteImage":
+            state["imageId"] = "sha256:" + hashlib.sha256(str(state["name"]).encode()).hexdigest()
+        return f"{args.name}-id", state
+
+    def call(self, args: pulumi.runtime.MockCallArgs):
+        return {}
+
+
+def _command_stdout(name: str, create: str) -> str:
+    if name.endswith("-relay-key"):
+        return "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIMockRelayKeyForTests relay\n"
+    if name.endswith("-id") and "docker image inspect" in create:
+        # Every host holds the same image: its ID follows from the reference alone.
+        reference = create.rsplit(" ", 1)[-1].strip("'")
+        return "sha256:" + hashlib.sha256(reference.encode()).hexdigest() + "\n"
+    return ""
+
+
+class RecordingMonitor(pulumi_mocks.MockMonitor):
+    def __init__(self, mocks: pulumi.runtime.Mocks):
+        super().__init__(mocks)
+        self.recorded: list[RecordedResource] = []
+
+    def RegisterResource(self, request):
+        response = super().RegisterResource(request)
+        if request.type != "pulumi:pulumi:Stack":
+            secret_paths: list[str] = []
+            raw = rpc.deserialize_properties(request.object, keep_internal=True)
+            inputs = _unwrap_secrets(raw, "", secret_paths)
+            deps = set(request.dependencies)
+            for prop in request.propertyDependencies.values():
+                deps.update(prop.urns)
+            self.recorded.append(RecordedResource(
+                urn=response.urn, type=request.type, name=request.name, inputs=inputs,
+                parent=request.parent or None, dependencies=sorted(deps),
+                provider=request.provider or None, custom=request.custom,
+                retain_on_delete=request.retainOnDelete, secret_paths=secret_paths,
+            ))
+        return response
+
+
+def stack_config(path: Path) -> dict[str, Any]:
+    """A stack file's `vllm-dcu:` values, keys without the namespace."""
+    import yaml
+
+    values = yaml.safe_load(path.read_text()).get("config", {})
+    prefix = f"{PROJECT}:"
+    return {k.removeprefix(prefix): v for k, v in values.items() if k.startswith(prefix)}
+
+
+def run_program(config: dict[str, Any], stack: str = "test", secrets: dict[str, str] | None = None) -> ProgramRun:
+    """Run __main__.py for `config` (keys without the namespace) under mocks."""
+    monitor = RecordingMonitor(ProgramMocks())
+    ROOT.set(None)
+    pulumi.runtime.set_mocks(monitor.mocks, project=PROJECT, stack=stack, preview=False, monitor=monitor)
+    values = {f"{PROJECT}:{k}": v if isinstance(v, str) else json.dumps(v) for k, v in config.items()}
+    values.update({f"{PROJECT}:{k}": v for k, v in (secrets or {}).items()})
+    pulumi.runtime.set_all_config(values, secret_keys=[f"{PROJECT}:{k}" for k in (secrets or {})])
+    outputs: dict[str, Any] = {}
+
+    async def program() -> None:
+        namespace = runpy.run_path(str(REPO / "__main__.py"), run_name="__main__")
+        resolved = await pulumi.Output.from_input(namespace["deployment"].outputs).future()
+        outputs.update(resolved or {})
+
+    error: BaseException | None = None
+    try:
+        _sync_await(run_pulumi_func(program))
+    except BaseException as exc:  # noqa: BLE001 - the test decides what a failure means
+        error = exc
+    return ProgramRun(monitor.recorded, outputs, error)
