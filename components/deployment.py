@@ -68,7 +68,7 @@ class Deployment(pulumi.ComponentResource):
         config, secrets = args.config, args.secrets
         child = pulumi.ResourceOptions(parent=self)
 
-        head = Host(f"{name}-head", HostArgs(
+        head = Host(f"{name}-{config.head.label}", HostArgs(
             config, config.head, "head", secrets.ssh_private_key, ports=head_ports(config)
         ), child)
         workers = [

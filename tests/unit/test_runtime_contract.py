@@ -1,0 +1,55 @@
+"""The program's side of docs/runtime-contract.md, checked with the runtime's own models and CLI."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from node_runtime.cli import app
+from node_runtime.serving.spec import GatewayConfig, ServeSpec
+from tests.support.pulumi_program import REPO, run_program, stack_config
+from tests.unit.conftest import STACK_FILES
+from tests.unit.test_program import env_of
+
+
+@pytest.mark.parametrize("stack_file", STACK_FILES, ids=[p.name for p in STACK_FILES])
+def test_declared_specs_validate_against_the_runtime(stack_file):
+    run = run_program(stack_config(stack_file), stack=stack_file.stem.split(".")[1])
+    assert run.error is None, run.error
+    servers = [r for r in run.resources if r.name.endswith("-container") and "-server-" in r.name]
+    assert servers
+    for server in servers:
+        ServeSpec.model_validate_json(env_of(server)["NODE_RUNTIME_SERVE_SPEC"])
+    gateway = next(r for r in run.resources if r.name.endswith("gateway-container"))
+    GatewayConfig.model_validate_json(env_of(gateway)["NODE_RUNTIME_GATEWAY_CONFIG"])
+
+
+def _declared_commands() -> list[list[str]]:
+    """Every `node-runtime ...` argument list the dev and local stacks declare."""
+    found = []
+    for stack in ("dev", "local"):
+        run = run_program(stack_config(REPO / f"Pulumi.{stack}.yaml"), stack=stack)
+        for resource in run.resources:
+            text = resource.inputs.get("create") or ""
+            if "node-runtime" in text:
+                import shlex
+
+                words = shlex.split(text.replace("exec ", "", 1).split("exec ", 1)[-1])
+                found.append(words[words.index("node-runtime") + 1:])
+            elif resource.inputs.get("command", [""])[0] == "node-runtime":
+                found.append(resource.inputs["command"][1:])
+    return found
+
+
+def test_declared_commands_parse_with_the_runtime_cli():
+    commands = _declared_commands()
+    assert {tuple(c[:2]) for c in commands} >= {("model", "download"), ("model", "sync"), ("model", "verify"),
+                                                ("cluster", "wait")}
+    runner = CliRunner()
+    for args in commands:
+        # --help after the full argument list: the CLI parses every option, then exits 0 without acting.
+        result = runner.invoke(app, [*args[:2], "--help"] if args[0] in ("model", "cluster") else [args[0], "--help"])
+        assert result.exit_code == 0, (args, result.output)
+        for word in args:
+            if word.startswith("--"):
+                assert word in result.output, f"{word} of {args[:2]} is not a runtime option"
