@@ -1,6 +1,6 @@
 """The program's side of docs/runtime-contract.md, checked with the runtime's own models and CLI."""
 
-import json
+import shlex
 
 import pytest
 from typer.testing import CliRunner
@@ -31,12 +31,11 @@ def _declared_commands() -> list[list[str]]:
         run = run_program(stack_config(REPO / f"Pulumi.{stack}.yaml"), stack=stack)
         for resource in run.resources:
             text = resource.inputs.get("create") or ""
-            if "node-runtime" in text:
-                import shlex
-
-                words = shlex.split(text.replace("exec ", "", 1).split("exec ", 1)[-1])
-                found.append(words[words.index("node-runtime") + 1:])
-            elif resource.inputs.get("command", [""])[0] == "node-runtime":
+            for line in text.replace(";", "\n").splitlines():
+                words = shlex.split(line) if "node-runtime" in line else []
+                if "node-runtime" in words:
+                    found.append(words[words.index("node-runtime") + 1:])
+            if resource.inputs.get("command", [""])[0] == "node-runtime":
                 found.append(resource.inputs["command"][1:])
     return found
 
