@@ -44,7 +44,12 @@ def sync_script(config: StackConfig, model: Model, image: str, workers: list[Hos
     for host in workers:
         node = host.node
         args += ["--node", f"{node.ssh_user or config.ssh_user}@{node.address}:{node.ssh_port or config.ssh_port}"]
-    receiver = shlex.join(["docker", "run", "--rm", "-i", "-v", f"{config.model_root}:{config.model_root}", image])
+    # Runs on each worker; the relay's forwarded agent goes into the container, expanded there,
+    # so the next hop authenticates without the key ever leaving the head.
+    receiver = (
+        'docker run --rm -i --network host -v "$SSH_AUTH_SOCK:$SSH_AUTH_SOCK" -e SSH_AUTH_SOCK '
+        + shlex.join(["-v", f"{config.model_root}:{config.model_root}", image])
+    )
     args += ["--remote-exec", receiver]
     key_dir = key.rsplit("/", 1)[0]
     return "exec " + runtime_run(config, image, args, mounts=[config.model_root, key_dir])
