@@ -9,13 +9,14 @@ import pulumi
 
 from components.config import StackConfig
 from components.containers import (
-    GATEWAY_ENTRY, ContainerSpec, container_name, declare_container, gateway_config, to_env_json,
+    GATEWAY_ENTRY, ContainerSpec, container_name, declare_container, gateway_config, ray_temp_dir, to_env_json,
 )
 from components.host import Host
 
 
 def gateway_container_spec(config: StackConfig) -> ContainerSpec:
-    """No devices, no model files: the gateway only talks HTTP (host network, to reach 127.0.0.1)."""
+    """No devices, no model files: HTTP on the host network (to reach the servers on 127.0.0.1),
+    plus the head's Ray session directory, which its cluster health check connects through."""
     return ContainerSpec(
         name=container_name(config, "gateway"),
         command=list(GATEWAY_ENTRY),
@@ -24,7 +25,7 @@ def gateway_container_spec(config: StackConfig) -> ContainerSpec:
         group_adds=[],
         capabilities=[],
         security_opts=[],
-        bind_mounts=[],
+        bind_mounts=[(ray_temp_dir(config), False)],
         shm_size_mb=64,
         ipc_mode="private",
         pid_mode=None,

@@ -231,3 +231,10 @@ def test_adding_a_worker_leaves_existing_workers_alone():
     assert a["vllm-ray-dcu-worker-1-container"] == b["vllm-ray-dcu-worker-1-container"]
     assert a["vllm-ray-head-container"] == b["vllm-ray-head-container"]
     assert "vllm-ray-dcu-worker-3-container" in b
+
+
+def test_gateway_shares_the_heads_ray_session_directory(dev):
+    gateway = dev.named("vllm-gateway-container")
+    mounts = {(m["source"], m["target"]) for m in gateway.inputs["mounts"]}
+    assert mounts == {("/data/vllm-dcu/ray", "/data/vllm-dcu/ray")}
+    assert "devices" not in gateway.inputs or not gateway.inputs["devices"]

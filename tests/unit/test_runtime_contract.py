@@ -52,3 +52,17 @@ def test_declared_commands_parse_with_the_runtime_cli():
         for word in args:
             if word.startswith("--"):
                 assert word in result.output, f"{word} of {args[:2]} is not a runtime option"
+
+
+@pytest.mark.parametrize("tp,pp", [(0, 0), (0, 1), (4, 0), (8, 0), (8, 3), (16, 0), (4, 2)])
+def test_program_and_launcher_resolve_the_same_layout(tp, pp):
+    """The outputs' TP/PP must be what the launcher will actually run."""
+    from components.config import parse_stack_config, resolve_layout as program_layout
+    from node_runtime.serving.layout import resolve_layout as launcher_layout
+
+    values = stack_config(REPO / "Pulumi.dev.yaml")
+    values["models"][0].update(tensorParallelSize=tp, pipelineParallelSize=pp)
+    config = parse_stack_config(values)
+    expected = program_layout(config, config.models[0])
+    layout = launcher_layout(tp, pp, nodes=len(config.nodes), gpus_per_node=config.gpus_per_node)
+    assert (layout.tensor_parallel_size, layout.pipeline_parallel_size) == expected

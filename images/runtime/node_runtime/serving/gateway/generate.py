@@ -1,0 +1,96 @@
+"""The guide's endpoints: /generate and /batch_generate, served through vLLM's /v1/completions."""
+
+import asyncio
+import json
+
+import httpx
+from fastapi import APIRouter, Depends, Request
+from pydantic import BaseModel, ConfigDict, Field
+
+from node_runtime.serving.gateway.auth import require_api_key
+from node_runtime.serving.gateway.errors import GatewayError
+from node_runtime.serving.gateway.upstream import base_url, pass_through, pick_server, request_id, send_upstream
+from node_runtime.serving.spec import UpstreamServer
+
+router = APIRouter(dependencies=[Depends(require_api_key)])
+
+
+class Sampling(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(None, description="required only when several models are served")
+    max_tokens: int = Field(16, ge=1)
+    temperature: float | None = Field(None, ge=0)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=-1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    n: int = Field(1, ge=1)
+
+    def completion_body(self, server: UpstreamServer, prompt: str, *, stream: bool = False) -> dict:
+        fields = self.model_dump(exclude={"model", "prompt", "prompts", "stream"}, exclude_none=True)
+        return {"model": server.name, "prompt": prompt, "stream": stream, **fields}
+
+
+class GenerateRequest(Sampling):
+    prompt: str = Field(min_length=1)
+    stream: bool = False
+
+
+class BatchGenerateRequest(Sampling):
+    prompts: list[str] = Field(min_length=1)
+
+
+def generation_result(completion: dict) -> dict:
+    """vLLM's completion → the guide's answer: the text, why it stopped, and token counts."""
+    outputs = [{"text": c["text"], "finish_reason": c["finish_reason"]} for c in sorted(completion["choices"], key=lambda c: c["index"])]
+    return {"text": outputs[0]["text"], "finish_reason": outputs[0]["finish_reason"], "outputs": outputs,
+            "usage": completion["usage"]}
+
+
+async def complete(request: Request, server: UpstreamServer, body: dict, *, where: str | None = None) -> dict:
+    client: httpx.AsyncClient = request.app.state.client
+    upstream = client.build_request("POST", base_url(server) + "/v1/completions", json=body,
+                                    headers={"x-request-id": request_id(request)})
+    response = await send_upstream(client, upstream, server)
+    if response.status_code == 200:
+        return response.json()
+    try:
+        error = response.json()["error"]
+        message, param = error["message"], error.get("param")
+    except (ValueError, KeyError, TypeError):
+        message, param = response.text[:500], None
+    if where:
+        message, param = f"{where}: {message}", where if param in (None, "prompt") else param
+    # The server rejected a field the gateway passed on: to the client that is a bad field (422).
+    status = 422 if response.status_code == 400 else response.status_code
+    raise GatewayError(status, message, param=param, code="upstream_rejected")
+
+
+@router.post("/generate")
+async def generate(body: GenerateRequest, request: Request):
+    server = pick_server(request.app.state.servers, body.model)
+    request.state.model = server.name
+    completion_body = body.completion_body(server, body.prompt, stream=body.stream)
+    if body.stream:
+        return await pass_through(request, server, "/v1/completions", json.dumps(completion_body).encode(), stream=True)
+    completion = await complete(request, server, completion_body)
+    return {"id": completion["id"], "model": server.name, **generation_result(completion)}
+
+
+@router.post("/batch_generate")
+async def batch_generate(body: BatchGenerateRequest, request: Request):
+    limit = request.app.state.config.max_batch_size
+    if len(body.prompts) > limit:
+        raise GatewayError(413, f"prompts has {len(body.prompts)} items, more than max_batch_size {limit}: "
+                                "split the batch", param="prompts", code="batch_too_large")
+    server = pick_server(request.app.state.servers, body.model)
+    request.state.model = server.name
+    # All at once: vLLM's scheduler batches concurrent requests (continuous batching).
+    completions = await asyncio.gather(*(
+        complete(request, server, body.completion_body(server, prompt), where=f"prompts[{i}]")
+        for i, prompt in enumerate(body.prompts)
+    ))
+    results = [generation_result(completion) for completion in completions]
+    usage = {key: sum(result["usage"][key] for result in results) for key in ("prompt_tokens", "completion_tokens", "total_tokens")}
+    return {"model": server.name, "results": results, "usage": usage}

@@ -1,0 +1,82 @@
+"""The gateway's own Prometheus metrics, and the model servers' vllm:* metrics passed through."""
+
+import time
+
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+# Bounded labels only: endpoint from this fixed set, model from the configured servers.
+MEASURED_ENDPOINTS = frozenset({"/", "/generate", "/batch_generate", "/v1/models", "/v1/completions", "/v1/chat/completions"})
+NO_MODEL = "none"
+
+REQUESTS = Counter("gateway_requests", "Requests answered, by endpoint, model and HTTP status", ["endpoint", "model", "status"])
+LATENCY = Histogram(
+    "gateway_request_duration_seconds", "Time to the last byte of the response", ["endpoint", "model"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
+)
+IN_FLIGHT = Gauge("gateway_requests_in_flight", "Requests being answered", ["endpoint"])
+UPSTREAM_ERRORS = Counter("gateway_upstream_errors", "Failed calls to a model server", ["model", "kind"])
+
+
+class RequestMetricsMiddleware:
+    """Plain ASGI middleware: counts a request once its response is fully sent (streams included).
+
+    Handlers name the model they routed to in request.state.model; /health and /metrics are left out.
+    """
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] not in MEASURED_ENDPOINTS:
+            await self.app(scope, receive, send)
+            return
+        endpoint = scope["path"]
+        status = 500
+
+        async def send_and_note_status(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        in_flight = IN_FLIGHT.labels(endpoint)
+        in_flight.inc()
+        started = time.perf_counter()
+        try:
+            await self.app(scope, receive, send_and_note_status)
+        finally:
+            in_flight.dec()
+            model = scope.get("state", {}).get("model", NO_MODEL)
+            LATENCY.labels(endpoint, model).observe(time.perf_counter() - started)
+            REQUESTS.labels(endpoint, model, str(status)).inc()
+
+
+class _Families:
+    """What generate_latest needs: something with collect()."""
+
+    def __init__(self, families):
+        self._families = families
+
+    def collect(self):
+        return self._families
+
+
+def relabel_vllm_metrics(texts: dict[str, str]) -> bytes:
+    """Each server's vllm:* families, merged by name, every sample labelled model=<served name>."""
+    merged = {}
+    for model, text in texts.items():
+        for family in text_string_to_metric_families(text):
+            if not family.name.startswith("vllm:"):
+                continue
+            target = merged.setdefault(family.name, family)
+            samples = [sample._replace(labels={**sample.labels, "model": model}) for sample in family.samples]
+            if target is family:
+                family.samples = samples
+            else:
+                target.samples.extend(samples)
+    return generate_latest(_Families(list(merged.values())))
+
+
+def gateway_metrics() -> bytes:
+    return generate_latest(REGISTRY)

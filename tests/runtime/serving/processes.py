@@ -1,0 +1,159 @@
+"""Real processes for the serving tests and the gateway benchmark: a Ray head, `node-runtime serve`, the gateway.
+
+Each is started in its own session and stopped by its own process group, never by name, so other
+people's Ray or vLLM on the same machine are left alone.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+BIN = Path(sys.executable).parent
+
+
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for sock in sockets:
+        sock.bind(("127.0.0.1", 0))
+    ports = [sock.getsockname()[1] for sock in sockets]
+    for sock in sockets:
+        sock.close()
+    return ports
+
+
+class Process:
+    """A child in its own session, with its output in a log file for failure messages."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], log_dir: Path):
+        self.name, self.argv, self.env = name, argv, env
+        self.log_path = log_dir / f"{name}.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(self.argv, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, start_new_session=True)
+
+    def tail(self, lines: int = 30) -> str:
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def wait_until(self, ready, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.tail()}")
+            if ready():
+                return
+            time.sleep(0.5)
+        raise TimeoutError(f"{self.name} not ready after {timeout}s:\n{self.tail()}")
+
+    def stop(self, grace: float = 30) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        pgid = os.getpgid(self.proc.pid)
+        os.killpg(pgid, signal.SIGTERM)
+        try:
+            self.proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(10)
+
+
+def http_ok(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def start_ray_head(work: Path) -> tuple[Process, str]:
+    """A one-node Ray head with every port of its own; returns (process, GCS address)."""
+    gcs, node_manager, object_manager, agent_listen, agent_grpc, metrics, runtime_env, client = free_ports(8)
+    temp_dir = work / "ray"  # Ray's socket paths must stay short: keep `work` shallow
+    worker_low = 20000 + (os.getpid() % 200) * 100
+    argv = [
+        str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+        f"--node-manager-port={node_manager}", f"--object-manager-port={object_manager}",
+        "--include-dashboard=false", f"--dashboard-agent-listen-port={agent_listen}",
+        f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
+        f"--runtime-env-agent-port={runtime_env}", f"--ray-client-server-port={client}",
+        f"--min-worker-port={worker_low}", f"--max-worker-port={worker_low + 99}",
+        f"--temp-dir={temp_dir}", "--num-cpus=1", "--num-gpus=0", "--disable-usage-stats",
+    ]
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    head = Process("ray-head", argv, env, work)
+    head.start()
+    address = f"127.0.0.1:{gcs}"
+    from node_runtime.serving.cluster import ClusterUnreachable, probe
+
+    def answers() -> bool:
+        try:
+            return probe(address, timeout=20).nodes >= 1
+        except ClusterUnreachable:
+            return False
+
+    head.wait_until(answers, timeout=120)
+    return head, address
+
+
+def cluster_json(address: str, nodes: int = 1, timeout_s: float = 60) -> dict:
+    return {"ray_address": address, "expected_nodes": nodes, "expected_gpus": 0, "gpus_per_node": 0, "timeout_s": timeout_s}
+
+
+def serve_spec(model_dir: Path, name: str, port: int, ray_address: str, **overrides) -> dict:
+    spec = {
+        "served_model_name": name, "model_path": str(model_dir), "host": "127.0.0.1", "port": port,
+        "accelerator": "cpu", "tensor_parallel_size": 0, "pipeline_parallel_size": 0, "quantization": "none",
+        "dtype": "float32", "max_num_seqs": 32, "max_num_batched_tokens": None, "max_model_len": 512,
+        "gpu_memory_utilization": 0.9, "extra_args": ["--enforce-eager"], "cluster": cluster_json(ray_address),
+    }
+    return {**spec, **overrides}
+
+
+def vllm_env(work: Path) -> dict[str, str]:
+    """vLLM's caches and IPC sockets in our own directory; a small KV cache for a small machine."""
+    for sub in ("vllm-cache", "vllm-rpc"):
+        (work / sub).mkdir(exist_ok=True)
+    return {**os.environ, "VLLM_CACHE_ROOT": str(work / "vllm-cache"), "VLLM_RPC_BASE_PATH": str(work / "vllm-rpc"),
+            "VLLM_CPU_KVCACHE_SPACE": "1"}
+
+
+def start_model_server(spec: dict, work: Path, timeout: float = 400) -> Process:
+    """`node-runtime serve` for real: the launcher's checks, then vLLM's CPU build."""
+    env = {**vllm_env(work), "NODE_RUNTIME_SERVE_SPEC": json.dumps(spec)}
+    server = Process(f"vllm-{spec['port']}", [str(BIN / "node-runtime"), "serve"], env, work)
+    server.start()
+    server.wait_until(lambda: http_ok(f"http://127.0.0.1:{spec['port']}/health"), timeout)
+    return server
+
+
+def start_gateway(config: dict, work: Path, api_key: str | None) -> Process:
+    env = {**os.environ, "NODE_RUNTIME_GATEWAY_CONFIG": json.dumps(config)}
+    env.pop("NODE_RUNTIME_API_KEY", None)
+    if api_key:
+        env["NODE_RUNTIME_API_KEY"] = api_key
+    gateway = Process(f"gateway-{config['port']}", [str(BIN / "node-runtime"), "gateway"], env, work)
+    gateway.start()
+    gateway.wait_until(lambda: answers(f"http://127.0.0.1:{config['port']}/v1/models"), 60)
+    return gateway
+
+
+def answers(url: str) -> bool:
+    """Any HTTP answer at all (a 401 included): the server is listening."""
+    try:
+        httpx.get(url, timeout=2)
+        return True
+    except httpx.HTTPError:
+        return False

@@ -1,0 +1,68 @@
+import json
+import sys
+
+from node_runtime.serving.launcher import (
+    build_vllm_command, executor_backend, installed_vllm_version, request_log_flags, vllm_environment,
+)
+from node_runtime.serving.layout import Layout
+from node_runtime.serving.spec import ServeSpec
+
+from .test_spec import CONTRACT_SERVE
+
+
+def _spec(**changes) -> ServeSpec:
+    return ServeSpec.model_validate({**json.loads(CONTRACT_SERVE), **changes})
+
+
+def _flags(command: list[str]) -> dict[str, str]:
+    return {flag: value for flag, value in zip(command, command[1:]) if flag.startswith("--") and not value.startswith("--")}
+
+
+def test_the_one_dcu_cpu_difference():
+    assert executor_backend("dcu", Layout(8, 3)) == "ray"
+    assert executor_backend("dcu", Layout(1, 1)) is None   # one process needs no executor across nodes
+    assert executor_backend("cpu", Layout(2, 1)) is None   # vLLM's Ray executor does not support CPU
+    assert executor_backend("cpu", Layout(1, 1)) is None
+
+
+def test_dcu_command_line():
+    command = build_vllm_command(_spec(max_model_len=8192, extra_args=["--enforce-eager"]), Layout(8, 3), "awq",
+                                 vllm_version="0.18.1", python="/usr/bin/python3")
+    assert command[:3] == ["/usr/bin/python3", "-m", "vllm.entrypoints.openai.api_server"]
+    assert _flags(command) == {
+        "--model": "/data/models/Llama-3-8B-Instruct", "--served-model-name": "Llama-3-8B-Instruct",
+        "--host": "127.0.0.1", "--port": "8100", "--tensor-parallel-size": "8", "--pipeline-parallel-size": "3",
+        "--dtype": "auto", "--max-num-seqs": "256", "--gpu-memory-utilization": "0.9", "--max-model-len": "8192",
+        "--quantization": "awq", "--distributed-executor-backend": "ray",
+    }
+    assert command[-1] == "--enforce-eager"
+
+
+def test_cpu_command_line_leaves_out_ray_and_unset_options():
+    command = build_vllm_command(_spec(accelerator="cpu"), Layout(1, 1), None, vllm_version="0.32.0")
+    assert command[0] == sys.executable
+    flags = _flags(command)
+    for absent in ("--distributed-executor-backend", "--quantization", "--max-model-len", "--max-num-batched-tokens"):
+        assert absent not in flags
+    # Flags whose name changed across vLLM 0.8.5 .. 0.32 must never appear.
+    assert not {"--disable-log-requests", "--enable-log-requests", "--device"} & set(command)
+
+
+def test_ray_executor_gets_the_cluster_address():
+    spec = _spec()
+    assert vllm_environment(spec, Layout(8, 3), {"PATH": "/bin"}) == {"PATH": "/bin", "RAY_ADDRESS": "10.0.0.1:6379"}
+    assert "RAY_ADDRESS" not in vllm_environment(_spec(accelerator="cpu"), Layout(1, 1), {})
+
+
+def test_request_logging_flag_follows_the_vllm_version():
+    assert request_log_flags("0.8.5") == ["--disable-log-requests"]
+    assert request_log_flags("0.9.2+das.opt1.dtk2504") == ["--disable-log-requests"]
+    assert request_log_flags("0.10.0") == ["--disable-log-requests"]
+    for newer in ("0.10.1", "0.11.0", "0.18.1", "0.32.0", None, "unknown"):
+        assert request_log_flags(newer) == []
+    old = build_vllm_command(_spec(extra_args=["--enforce-eager"]), Layout(8, 3), None, vllm_version="0.8.5")
+    assert old[-2:] == ["--disable-log-requests", "--enforce-eager"]  # extra_args last: the user has the final word
+
+
+def test_installed_vllm_version_is_found_without_importing_vllm():
+    assert installed_vllm_version() == "0.32.0"  # the CPU build the suite installs (requirements-test.txt)
