@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 PROJECT = "vllm-dcu"
@@ -84,6 +84,24 @@ def _absolute_path(value: str) -> str:
     return posixpath.normpath(value)
 
 
+def _resource_name(value: str) -> str:
+    if not _NAME.match(value):
+        raise ValueError(f"{value!r}: use letters, digits, '.', '_' or '-' (at most 63)")
+    return value
+
+
+def _interface_name(value: str) -> str:
+    if not _IFNAME.match(value):
+        raise ValueError(f"{value!r} is not an interface name such as eth0 or ib0")
+    return value
+
+
+IPAddress = Annotated[str, AfterValidator(_ip_address)]
+AbsolutePath = Annotated[str, AfterValidator(_absolute_path)]
+ResourceName = Annotated[str, AfterValidator(_resource_name)]
+InterfaceName = Annotated[str, AfterValidator(_interface_name)]
+
+
 def shm_size_mb(value: str) -> int:
     """Docker's shm size in MiB from '64g', '512m', '16GB'."""
     match = _SIZE.match(value.strip())
@@ -95,28 +113,12 @@ def shm_size_mb(value: str) -> int:
 class Node(_Model):
     """One machine: the head or a worker."""
 
-    address: str
-    name: str | None = None
+    address: IPAddress
+    name: ResourceName | None = None
     ssh_user: str | None = None
     ssh_port: Port | None = None
     gpus: int = Field(default=0, ge=0)
-    interface: str | None = None
-
-    _check_address = field_validator("address")(lambda cls, v: _ip_address(v))
-
-    @field_validator("name")
-    @classmethod
-    def _check_name(cls, value: str | None) -> str | None:
-        if value is not None and not _NAME.match(value):
-            raise ValueError(f"{value!r}: use letters, digits, '.', '_' or '-' (at most 63)")
-        return value
-
-    @field_validator("interface")
-    @classmethod
-    def _check_interface(cls, value: str | None) -> str | None:
-        if value is not None and not _IFNAME.match(value):
-            raise ValueError(f"{value!r} is not an interface name such as eth0 or ib0")
-        return value
+    interface: InterfaceName | None = None
 
     @property
     def label(self) -> str:
@@ -130,8 +132,8 @@ class Model(_Model):
     id: str = Field(min_length=1)
     source: Literal["huggingface", "modelscope", "local"] = "huggingface"
     revision: str = Field(default="main", min_length=1)
-    local_path: str | None = None
-    served_name: str | None = None
+    local_path: AbsolutePath | None = None
+    served_name: ResourceName | None = None
     port: Port | None = None
     tensor_parallel_size: int = Field(default=0, ge=0)
     pipeline_parallel_size: int = Field(default=0, ge=0)
@@ -153,18 +155,6 @@ class Model(_Model):
             raise ValueError(
                 f"{value!r} is not a repository id; write owner/name (e.g. meta-llama/Llama-3-8B-Instruct) or a bare name"
             )
-        return value
-
-    @field_validator("local_path")
-    @classmethod
-    def _check_local_path(cls, value: str | None) -> str | None:
-        return None if value is None else _absolute_path(value)
-
-    @field_validator("served_name")
-    @classmethod
-    def _check_served_name(cls, value: str | None) -> str | None:
-        if value is not None and not _NAME.match(value):
-            raise ValueError(f"{value!r}: use letters, digits, '.', '_' or '-' (at most 63)")
         return value
 
     @field_validator("quantization")
@@ -269,7 +259,7 @@ class Timeouts(_Model):
 class StackConfig(_Model):
     """Everything a stack file says, validated as a whole."""
 
-    cluster_name: str = "vllm"
+    cluster_name: ResourceName = "vllm"
     accelerator: Literal["dcu", "cpu"] = "dcu"
     head: Node
     workers: list[Node] = []
@@ -278,30 +268,20 @@ class StackConfig(_Model):
     local_docker: bool = False
     base_image: str
     image_registry: str | None = None
-    model_root: str = "/data/models"
-    data_root: str = "/data/vllm-dcu"
+    model_root: AbsolutePath = "/data/models"
+    data_root: AbsolutePath = "/data/vllm-dcu"
     min_free_disk_gb: int = Field(default=50, ge=0)
     shm_size: str = "64g"
     ray_ports: RayPorts = RayPorts()
     api_port: Port = 8000
-    api_bind_address: str = "0.0.0.0"
+    api_bind_address: IPAddress = "0.0.0.0"
     server_port_base: Port = 8100
-    nccl_socket_ifname: str | None = None
-    gloo_socket_ifname: str | None = None
+    nccl_socket_ifname: InterfaceName | None = None
+    gloo_socket_ifname: InterfaceName | None = None
     mount_dtk: bool = False
     max_batch_size: int = Field(default=64, ge=1)
     timeouts: Timeouts = Timeouts()
     models: list[Model] = Field(min_length=1)
-
-    _check_model_root = field_validator("model_root", "data_root")(lambda cls, v: _absolute_path(v))
-    _check_bind = field_validator("api_bind_address")(lambda cls, v: _ip_address(v))
-
-    @field_validator("cluster_name")
-    @classmethod
-    def _check_cluster_name(cls, value: str) -> str:
-        if not _NAME.match(value):
-            raise ValueError(f"{value!r}: use letters, digits, '.', '_' or '-' (it prefixes container names)")
-        return value
 
     @field_validator("base_image")
     @classmethod
@@ -331,13 +311,6 @@ class StackConfig(_Model):
     @classmethod
     def _check_shm(cls, value: str) -> str:
         shm_size_mb(value)
-        return value
-
-    @field_validator("nccl_socket_ifname", "gloo_socket_ifname")
-    @classmethod
-    def _check_ifname(cls, value: str | None) -> str | None:
-        if value is not None and not _IFNAME.match(value):
-            raise ValueError(f"{value!r} is not an interface name such as eth0 or ib0")
         return value
 
     @property

@@ -1,7 +1,7 @@
 """Pulumi.yaml declares every scalar key with the type and default the program itself uses."""
 
 import subprocess
-from typing import Literal, get_origin
+from typing import Annotated, Literal, Union, get_args, get_origin
 
 import yaml
 
@@ -12,12 +12,22 @@ from tests.support.pulumi_program import REPO, stack_config
 PULUMI_TYPES = {str: "string", int: "integer", bool: "boolean"}
 
 
+def _base_type(annotation):
+    """str for `str`, `IPAddress | None`, `Literal["dcu", "cpu"]`; None for objects and lists."""
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        return _base_type(get_args(annotation)[0])
+    if origin is Literal:
+        return str
+    if origin in (Union, type(int | None)):
+        (inner,) = [a for a in get_args(annotation) if a is not type(None)]
+        return _base_type(inner)
+    return annotation if annotation in PULUMI_TYPES else None
+
+
 def _scalar_fields():
-    for name, field in StackConfig.model_fields.items():
-        annotation = field.annotation
-        base = next((t for t in PULUMI_TYPES if annotation is t or annotation == (t | None)), None)
-        if get_origin(annotation) is Literal:
-            base = str
+    for field in StackConfig.model_fields.values():
+        base = _base_type(field.annotation)
         if base is not None:
             yield field.alias, PULUMI_TYPES[base], field
 
