@@ -1,33 +1,54 @@
-"""Gateway overhead against direct vLLM, on the same engine, in one run.
+"""Gateway overhead against direct calls to its model server, on two upstreams, side by side in one run.
 
-Starts a Ray head, a tiny Llama on vLLM's CPU build (through `node-runtime serve`) and the gateway
-(`node-runtime gateway`), then measures, alternating the two paths so drift hits both alike:
-  1. latency, one request at a time: p50/p99 of direct vs gateway (/v1/completions, max_tokens=1);
-  2. throughput with concurrent clients: requests/s direct vs gateway;
-  3. /batch_generate of B prompts vs a sequential loop of /generate over the same prompts.
+Starts a Ray head, a tiny Llama on vLLM's CPU build (through `node-runtime serve`), a fixed-answer
+server speaking vLLM's OpenAI API (fixed_upstream.py), and one `node-runtime gateway` in front of
+each. The two upstreams answer different questions:
+  - real vLLM: what a user sees, but on this 2-core machine the engine, the gateway and the load
+    generator compete for the same cores, so the gateway also waits for CPU;
+  - fixed answer: no engine, so the difference between the two paths is the gateway's own cost.
 
-Run: .venv/bin/python bench/gateway/bench_gateway.py [--requests 400] [--concurrency 16] [--batch 16]
+Every measurement alternates the paths so that drift on the shared machine hits both alike:
+  1. latency, one request at a time, direct and gateway alternating request by request (A/B/A/B),
+     over several rounds, for /v1/completions (passed through) and /generate (translated; its direct
+     counterpart is the same /v1/completions request): p50 and p99 added;
+  2. throughput with concurrent clients, direct and gateway alternating round by round (their order
+     swapped each round): the gateway/direct ratio per round, and its median;
+  3. the gateway process's CPU time per request it served;
+  4. /batch_generate of B prompts vs a sequential loop of /generate (real vLLM only).
+
+Run: .venv/bin/python bench/gateway/bench_gateway.py [--requests 300] [--rounds 4] [--concurrency 16] [--batch 16]
 """
 
 import argparse
 import asyncio
+import json
+import os
 import shutil
 import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
+import aiohttp
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
 from tests.runtime.serving.processes import (  # noqa: E402
-    cluster_json, free_ports, serve_spec, start_gateway, start_model_server, start_ray_head,
+    Process, answers, cluster_json, free_ports, serve_spec, start_gateway, start_model_server, start_ray_head,
 )
 from tests.runtime.serving.tiny_model import build_tiny_llama  # noqa: E402
 
 MODEL = "bench-llama"
-BODY = {"model": MODEL, "prompt": "Hello, I am a", "max_tokens": 1, "temperature": 0}
+COMPLETION = {"model": MODEL, "prompt": "Hello, I am a", "max_tokens": 1, "temperature": 0}
+GENERATE = {"prompt": "Hello, I am a", "max_tokens": 1, "temperature": 0}
+# (label, gateway path and body, direct path and body): the same work asked both ways.
+ENDPOINTS = [
+    ("/v1/completions", ("/v1/completions", COMPLETION), ("/v1/completions", COMPLETION)),
+    ("/generate", ("/generate", GENERATE), ("/v1/completions", COMPLETION)),
+]
+JSON = {"content-type": "application/json"}
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -35,60 +56,141 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
-def latency_pairs(direct: str, gateway: str, count: int) -> tuple[list[float], list[float]]:
-    times = {direct: [], gateway: []}
-    with httpx.Client(timeout=60) as client:
-        for base in (direct, gateway):  # warm both paths and their connections
-            for _ in range(20):
-                client.post(base + "/v1/completions", json=BODY).raise_for_status()
-        for i in range(count):
-            for base in ((direct, gateway) if i % 2 else (gateway, direct)):
-                started = time.perf_counter()
-                client.post(base + "/v1/completions", json=BODY).raise_for_status()
-                times[base].append(time.perf_counter() - started)
-    return times[direct], times[gateway]
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
-async def requests_per_second(base: str, count: int, concurrency: int) -> float:
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+@dataclass
+class Upstream:
+    name: str
+    direct: str
+    gateway: str
+    gateway_pid: int
+    latency: dict = field(default_factory=dict)  # endpoint -> {"direct": [s], "gateway": [s]}
+    rps: dict = field(default_factory=lambda: {"direct": [], "gateway": []})
+    gateway_requests: int = 0
+    gateway_cpu_s: float = 0.0
+
+
+async def post(session: aiohttp.ClientSession, url: str, body: bytes) -> None:
+    async with session.post(url, data=body, headers=JSON) as response:
+        await response.read()
+        if response.status != 200:
+            raise RuntimeError(f"{url} answered {response.status}")
+
+
+async def latency_round(upstream: Upstream, count: int, warmup: int) -> None:
+    cpu_before = cpu_seconds(upstream.gateway_pid)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as session:
+        for label, (gateway_path, gateway_body), (direct_path, direct_body) in ENDPOINTS:
+            urls = {"gateway": (upstream.gateway + gateway_path, json.dumps(gateway_body).encode()),
+                    "direct": (upstream.direct + direct_path, json.dumps(direct_body).encode())}
+            times = upstream.latency.setdefault(label, {"direct": [], "gateway": []})
+            for i in range(warmup + count):
+                for path in (("direct", "gateway") if i % 2 else ("gateway", "direct")):
+                    started = time.perf_counter()
+                    await post(session, *urls[path])
+                    if i >= warmup:
+                        times[path].append(time.perf_counter() - started)
+            upstream.gateway_requests += warmup + count
+    upstream.gateway_cpu_s += cpu_seconds(upstream.gateway_pid) - cpu_before
+
+
+async def requests_per_second(url: str, count: int, concurrency: int) -> float:
+    body = json.dumps(COMPLETION).encode()
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as session:
+        for _ in range(concurrency):
+            await post(session, url, body)
         queue = iter(range(count))
 
         async def worker():
             for _ in queue:
-                (await client.post(base + "/v1/completions", json=BODY)).raise_for_status()
+                await post(session, url, body)
 
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         return count / (time.perf_counter() - started)
 
 
-def batch_vs_loop(gateway: str, batch: int, rounds: int) -> tuple[float, float]:
+def throughput_round(upstream: Upstream, count: int, concurrency: int, swap: bool) -> None:
+    for path in (("gateway", "direct") if swap else ("direct", "gateway")):
+        url = (upstream.gateway if path == "gateway" else upstream.direct) + "/v1/completions"
+        cpu_before = cpu_seconds(upstream.gateway_pid)
+        upstream.rps[path].append(asyncio.run(requests_per_second(url, count, concurrency)))
+        if path == "gateway":
+            upstream.gateway_cpu_s += cpu_seconds(upstream.gateway_pid) - cpu_before
+            upstream.gateway_requests += count + concurrency
+
+
+async def batch_vs_loop(gateway: str, batch: int, rounds: int) -> tuple[float, float]:
     prompts = [f"Prompt number {i}: the quick brown fox" for i in range(batch)]
     sampling = {"max_tokens": 16, "temperature": 0}
     batch_times, loop_times = [], []
-    with httpx.Client(timeout=300) as client:
+    async with aiohttp.ClientSession() as session:
         for _ in range(rounds):
             started = time.perf_counter()
-            client.post(gateway + "/batch_generate", json={"prompts": prompts, **sampling}).raise_for_status()
+            await post(session, gateway + "/batch_generate", json.dumps({"prompts": prompts, **sampling}).encode())
             batch_times.append(time.perf_counter() - started)
             started = time.perf_counter()
             for prompt in prompts:
-                client.post(gateway + "/generate", json={"prompt": prompt, **sampling}).raise_for_status()
+                await post(session, gateway + "/generate", json.dumps({"prompt": prompt, **sampling}).encode())
             loop_times.append(time.perf_counter() - started)
     return statistics.median(batch_times), statistics.median(loop_times)
 
 
+def start_fixed_upstream(work: Path) -> tuple[Process, str]:
+    port = free_ports(1)[0]
+    server = Process(f"fixed-{port}", [sys.executable, str(Path(__file__).with_name("fixed_upstream.py")), str(port)],
+                     dict(os.environ), work)
+    server.start()
+    url = f"http://127.0.0.1:{port}"
+    server.wait_until(lambda: answers(url + "/health"), 30)
+    return server, url
+
+
+def gateway_in_front(upstream_url: str, ray_address: str, work: Path, max_batch: int) -> tuple[Process, str]:
+    """`node-runtime gateway` exactly as the container runs it (its CLI and its config)."""
+    port = free_ports(1)[0]
+    config = {"host": "127.0.0.1", "port": port, "servers": [{"name": MODEL, "url": upstream_url}],
+              "cluster": cluster_json(ray_address), "max_batch_size": max_batch, "request_timeout_s": 300}
+    return start_gateway(config, work, api_key=None), f"http://127.0.0.1:{port}"
+
+
+def report(upstream: Upstream, args) -> None:
+    ms = 1000
+    print(f"\n== upstream: {upstream.name}")
+    for label, times in upstream.latency.items():
+        direct, gateway = times["direct"], times["gateway"]
+        for q in (50, 99):
+            d, g = percentile(direct, q) * ms, percentile(gateway, q) * ms
+            print(f"latency {label:<16} p{q}  direct {d:7.3f} ms  gateway {g:7.3f} ms  -> added {g - d:6.3f} ms"
+                  f"   ({len(direct)} requests per path)")
+        per_round = [
+            (percentile(gateway[i:i + args.requests], 50) - percentile(direct[i:i + args.requests], 50)) * ms
+            for i in range(0, len(direct), args.requests)
+        ]
+        print(f"        {label:<16} p50 added per round: {[round(x, 3) for x in per_round]}")
+    ratios = [g / d for d, g in zip(upstream.rps["direct"], upstream.rps["gateway"])]
+    print(f"throughput, {args.concurrency} clients, {args.requests} requests per path per round:"
+          f" gateway/direct ratio median {statistics.median(ratios):.3f}, per round {[round(r, 3) for r in ratios]}")
+    print(f"        req/s direct {[round(r, 1) for r in upstream.rps['direct']]},"
+          f" gateway {[round(r, 1) for r in upstream.rps['gateway']]}")
+    print(f"gateway CPU time per request served: {upstream.gateway_cpu_s / upstream.gateway_requests * 1e6:.0f} us"
+          f" ({upstream.gateway_requests} requests)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--requests", type=int, default=400, help="requests per path for latency and per throughput round")
+    parser.add_argument("--requests", type=int, default=300, help="requests per path per round (latency and throughput)")
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--warmup", type=int, default=30, help="unmeasured requests per path before each latency round")
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="nrb-"))
-    started = []
+    started: list[Process] = []
     try:
         from node_runtime.modelstore.manifest import write_manifest
 
@@ -98,36 +200,32 @@ def main() -> None:
         started.append(head)
         spec = serve_spec(model_dir, MODEL, free_ports(1)[0], ray_address, max_num_seqs=64)
         started.append(start_model_server(spec, work))
-        direct = f"http://127.0.0.1:{spec['port']}"
-        port = free_ports(1)[0]
-        config = {"host": "127.0.0.1", "port": port, "servers": [{"name": MODEL, "url": direct}],
-                  "cluster": cluster_json(ray_address), "max_batch_size": max(64, args.batch), "request_timeout_s": 300}
-        started.append(start_gateway(config, work, api_key=None))
-        gateway = f"http://127.0.0.1:{port}"
+        fixed, fixed_url = start_fixed_upstream(work)
+        started.append(fixed)
+        upstreams = []
+        for name, url in (("fixed answer (gateway's own cost)", fixed_url),
+                          ("real vLLM CPU, same 2 cores", f"http://127.0.0.1:{spec['port']}")):
+            gateway, gateway_url = gateway_in_front(url, ray_address, work, max(64, args.batch))
+            started.append(gateway)
+            upstreams.append(Upstream(name, url, gateway_url, gateway.proc.pid))
 
-        direct_s, gateway_s = latency_pairs(direct, gateway, args.requests)
-        rps = {direct: [], gateway: []}
-        for _ in range(args.rounds):
-            for base in (direct, gateway):
-                rps[base].append(asyncio.run(requests_per_second(base, args.requests, args.concurrency)))
-        batch_s, loop_s = batch_vs_loop(gateway, args.batch, args.rounds)
+        for round_number in range(args.rounds):
+            swap = bool(round_number % 2)
+            for upstream in (reversed(upstreams) if swap else upstreams):
+                asyncio.run(latency_round(upstream, args.requests, args.warmup))
+                throughput_round(upstream, args.requests, args.concurrency, swap)
+        batch_s, loop_s = asyncio.run(batch_vs_loop(upstreams[1].gateway, args.batch, args.rounds))
     finally:
         for process in reversed(started):
             process.stop()
         shutil.rmtree(work, ignore_errors=True)
 
-    ms = 1000
-    direct_rps, gateway_rps = statistics.median(rps[direct]), statistics.median(rps[gateway])
-    print(f"engine: vLLM CPU build, tiny Llama, /v1/completions max_tokens=1; {args.requests} requests per path")
-    print(f"latency, sequential   p50 direct {percentile(direct_s, 50) * ms:.2f} ms, gateway {percentile(gateway_s, 50) * ms:.2f} ms"
-          f" -> added {(percentile(gateway_s, 50) - percentile(direct_s, 50)) * ms:.2f} ms")
-    print(f"                      p99 direct {percentile(direct_s, 99) * ms:.2f} ms, gateway {percentile(gateway_s, 99) * ms:.2f} ms"
-          f" -> added {(percentile(gateway_s, 99) - percentile(direct_s, 99)) * ms:.2f} ms")
-    print(f"throughput, {args.concurrency} clients  direct {direct_rps:.1f} req/s, gateway {gateway_rps:.1f} req/s"
-          f" -> ratio {gateway_rps / direct_rps:.3f} (medians of {args.rounds} rounds:"
-          f" direct {[round(r, 1) for r in rps[direct]]}, gateway {[round(r, 1) for r in rps[gateway]]})")
-    print(f"/batch_generate of {args.batch} prompts (16 tokens each) {batch_s:.2f} s vs sequential /generate loop {loop_s:.2f} s"
-          f" -> {loop_s / batch_s:.1f}x faster")
+    print(f"gateway vs direct, {args.rounds} interleaved rounds; requests: max_tokens=1, temperature=0;"
+          f" load average at the end {os.getloadavg()[0]:.2f}")
+    for upstream in upstreams:
+        report(upstream, args)
+    print(f"\n/batch_generate of {args.batch} prompts (16 tokens each) {batch_s:.2f} s vs sequential /generate loop"
+          f" {loop_s:.2f} s -> {loop_s / batch_s:.1f}x faster")
 
 
 if __name__ == "__main__":

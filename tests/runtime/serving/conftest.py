@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from .processes import Process, cluster_json, free_ports, serve_spec, start_gateway, start_model_server, start_ray_head
+from .processes import Process, ThreadServer, cluster_json, free_ports, serve_spec, start_gateway, start_model_server, start_ray_head
 from .tiny_model import build_tiny_llama
 
 MODEL_NAME = "tiny-llama"
@@ -120,10 +120,6 @@ class SilentServer:
 def routing_gateway(model_server, ray_head):
     """An in-process gateway with an API key and three models: the real one, one refusing, one hanging;
     and a cluster expected to have 2 nodes (it has 1)."""
-    import threading
-
-    import uvicorn
-
     from node_runtime.serving.gateway import create_app
     from node_runtime.serving.spec import GatewayConfig
 
@@ -136,17 +132,7 @@ def routing_gateway(model_server, ray_head):
                     {"name": "hanging", "url": f"http://127.0.0.1:{silent.port}"}],
         "cluster": cluster_json(ray_head, nodes=2),
     }
-    app = create_app(GatewayConfig.model_validate(config), api_key=API_KEY)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    from .processes import answers
-
-    for _ in range(100):
-        if server.started and answers(f"http://127.0.0.1:{port}/v1/models"):
-            break
-        thread.join(0.1)
-    yield Gateway(f"http://127.0.0.1:{port}", API_KEY, config)
-    server.should_exit = True
-    thread.join(10)
+    server = ThreadServer(create_app(GatewayConfig.model_validate(config), api_key=API_KEY), port, "/v1/models")
+    yield Gateway(server.url, API_KEY, config)
+    server.stop()
     silent.close()

@@ -150,6 +150,29 @@ def start_gateway(config: dict, work: Path, api_key: str | None) -> Process:
     return gateway
 
 
+class ThreadServer:
+    """An ASGI app on uvicorn in a thread of the test process, for servers the tests shape themselves."""
+
+    def __init__(self, app, port: int, ready_path: str):
+        import threading
+
+        import uvicorn
+
+        self.url = f"http://127.0.0.1:{port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        for _ in range(100):
+            if self.server.started and answers(self.url + ready_path):
+                return
+            self.thread.join(0.1)
+        raise TimeoutError(f"in-thread server on port {port} not answering {ready_path} after 10s")
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
 def answers(url: str) -> bool:
     """Any HTTP answer at all (a 401 included): the server is listening."""
     try:

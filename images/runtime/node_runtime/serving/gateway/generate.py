@@ -3,13 +3,13 @@
 import asyncio
 import json
 
-import httpx
 from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from node_runtime.serving.gateway.auth import require_api_key
 from node_runtime.serving.gateway.errors import GatewayError
-from node_runtime.serving.gateway.upstream import base_url, pass_through, pick_server, request_id, send_upstream
+from node_runtime.serving.gateway.upstream import pass_through, pick_server, post_upstream
 from node_runtime.serving.spec import UpstreamServer
 
 router = APIRouter(dependencies=[Depends(require_api_key)])
@@ -49,21 +49,18 @@ def generation_result(completion: dict) -> dict:
 
 
 async def complete(request: Request, server: UpstreamServer, body: dict, *, where: str | None = None) -> dict:
-    client: httpx.AsyncClient = request.app.state.client
-    upstream = client.build_request("POST", base_url(server) + "/v1/completions", json=body,
-                                    headers={"x-request-id": request_id(request)})
-    response = await send_upstream(client, upstream, server)
-    if response.status_code == 200:
-        return response.json()
+    response, content = await post_upstream(request, server, "/v1/completions", json.dumps(body).encode())
+    if response.status == 200:
+        return json.loads(content)
     try:
-        error = response.json()["error"]
+        error = json.loads(content)["error"]
         message, param = error["message"], error.get("param")
     except (ValueError, KeyError, TypeError):
-        message, param = response.text[:500], None
+        message, param = content[:500].decode(errors="replace"), None
     if where:
         message, param = f"{where}: {message}", where if param in (None, "prompt") else param
     # The server rejected a field the gateway passed on: to the client that is a bad field (422).
-    status = 422 if response.status_code == 400 else response.status_code
+    status = 422 if response.status == 400 else response.status
     raise GatewayError(status, message, param=param, code="upstream_rejected")
 
 
@@ -75,7 +72,8 @@ async def generate(body: GenerateRequest, request: Request):
     if body.stream:
         return await pass_through(request, server, "/v1/completions", json.dumps(completion_body).encode(), stream=True)
     completion = await complete(request, server, completion_body)
-    return {"id": completion["id"], "model": server.name, **generation_result(completion)}
+    # Plain JSON already: a JSONResponse skips FastAPI's jsonable_encoder walk over the answer.
+    return JSONResponse({"id": completion["id"], "model": server.name, **generation_result(completion)})
 
 
 @router.post("/batch_generate")
@@ -93,4 +91,4 @@ async def batch_generate(body: BatchGenerateRequest, request: Request):
     ))
     results = [generation_result(completion) for completion in completions]
     usage = {key: sum(result["usage"][key] for result in results) for key in ("prompt_tokens", "completion_tokens", "total_tokens")}
-    return {"model": server.name, "results": results, "usage": usage}
+    return JSONResponse({"model": server.name, "results": results, "usage": usage})

@@ -1,5 +1,6 @@
 """The gateway's own Prometheus metrics, and the model servers' vllm:* metrics passed through."""
 
+import functools
 import time
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram, generate_latest
@@ -16,6 +17,12 @@ LATENCY = Histogram(
 )
 IN_FLIGHT = Gauge("gateway_requests_in_flight", "Requests being answered", ["endpoint"])
 UPSTREAM_ERRORS = Counter("gateway_upstream_errors", "Failed calls to a model server", ["model", "kind"])
+_IN_FLIGHT_BY_ENDPOINT = {endpoint: IN_FLIGHT.labels(endpoint) for endpoint in MEASURED_ENDPOINTS}
+
+
+@functools.cache  # the labels are bounded, and .labels() is a locked lookup on every call
+def _series(endpoint: str, model: str, status: int):
+    return LATENCY.labels(endpoint, model), REQUESTS.labels(endpoint, model, str(status))
 
 
 class RequestMetricsMiddleware:
@@ -40,16 +47,16 @@ class RequestMetricsMiddleware:
                 status = message["status"]
             await send(message)
 
-        in_flight = IN_FLIGHT.labels(endpoint)
+        in_flight = _IN_FLIGHT_BY_ENDPOINT[endpoint]
         in_flight.inc()
         started = time.perf_counter()
         try:
             await self.app(scope, receive, send_and_note_status)
         finally:
             in_flight.dec()
-            model = scope.get("state", {}).get("model", NO_MODEL)
-            LATENCY.labels(endpoint, model).observe(time.perf_counter() - started)
-            REQUESTS.labels(endpoint, model, str(status)).inc()
+            latency, requests = _series(endpoint, scope.get("state", {}).get("model", NO_MODEL), status)
+            latency.observe(time.perf_counter() - started)
+            requests.inc()
 
 
 class _Families:

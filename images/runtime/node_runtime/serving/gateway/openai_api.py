@@ -3,6 +3,7 @@
 import json
 
 from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
 
 from node_runtime.serving.gateway.auth import require_api_key
 from node_runtime.serving.gateway.errors import GatewayError
@@ -45,6 +46,6 @@ async def chat_completions(request: Request):
 
 @router.get("/models")
 async def models(request: Request):
-    return {"object": "list", "data": [
+    return JSONResponse({"object": "list", "data": [
         {"id": name, "object": "model", "owned_by": "node-runtime"} for name in request.app.state.servers
-    ]}
+    ]})

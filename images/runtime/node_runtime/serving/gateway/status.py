@@ -2,14 +2,14 @@
 
 import asyncio
 
-import httpx
+import aiohttp
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from node_runtime import __version__
 from node_runtime.serving.gateway.metrics import UPSTREAM_ERRORS, gateway_metrics, relabel_vllm_metrics
-from node_runtime.serving.gateway.upstream import HEALTH_TIMEOUT_S, base_url, server_problem
+from node_runtime.serving.gateway.upstream import HEALTH_TIMEOUT, base_url, server_problem
 
 router = APIRouter()
 
@@ -46,14 +46,13 @@ async def health(request: Request):
     return JSONResponse({"status": "ok" if healthy else "unhealthy", **report}, status_code=200 if healthy else 503)
 
 
-async def _server_metrics(client: httpx.AsyncClient, name: str, url: str) -> str | None:
+async def _server_metrics(session: aiohttp.ClientSession, name: str, url: str) -> str | None:
     try:
-        response = await client.get(url + "/metrics", timeout=HEALTH_TIMEOUT_S)
-        response.raise_for_status()
-    except httpx.HTTPError:
+        async with session.get(url + "/metrics", timeout=HEALTH_TIMEOUT, raise_for_status=True) as response:
+            return await response.text()
+    except (aiohttp.ClientError, asyncio.TimeoutError):
         UPSTREAM_ERRORS.labels(name, "metrics").inc()
         return None
-    return response.text
 
 
 @router.get("/metrics")

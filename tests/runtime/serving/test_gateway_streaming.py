@@ -1,0 +1,97 @@
+"""Streams pass through the gateway as they come, and a stream cut upstream is cut for the client too.
+
+The upstream here is shaped by the test (vLLM cannot be told to pause mid-stream or die on cue):
+it sends one SSE event, then holds the rest until the test has seen that event through the gateway.
+"""
+
+import asyncio
+import json
+import threading
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from .processes import ThreadServer, cluster_json, free_ports
+
+RELEASE = threading.Event()
+HOLD_S = 5.0
+
+
+def sse(payload: str) -> bytes:
+    return f"data: {payload}\n\n".encode()
+
+
+async def pausing_upstream(scope, receive, send):
+    """vLLM's streaming shape; model "held" waits for RELEASE after its first event, "broken" dies there."""
+    if scope["type"] == "lifespan":
+        while (message := await receive())["type"] != "lifespan.shutdown":
+            await send({"type": "lifespan.startup.complete"})
+        await send({"type": "lifespan.shutdown.complete"})
+        return
+    if scope["method"] == "GET":
+        await send({"type": "http.response.start", "status": 200 if scope["path"] == "/health" else 404, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+        return
+    body = b""
+    while (message := await receive()).get("more_body"):
+        body += message["body"]
+    model = json.loads(body + message.get("body", b""))["model"]
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
+    await send({"type": "http.response.body", "body": sse('{"choices": [{"text": "first"}]}'), "more_body": True})
+    if model == "broken":
+        raise RuntimeError("engine died mid-stream")  # uvicorn drops the connection without ending the body
+    for _ in range(int(HOLD_S / 0.05)):
+        if RELEASE.is_set():
+            break
+        await asyncio.sleep(0.05)
+    await send({"type": "http.response.body", "body": sse('{"choices": [{"text": "second"}]}') + sse("[DONE]")})
+
+
+@pytest.fixture(scope="module")
+def stream_gateway():
+    from node_runtime.serving.gateway import create_app
+    from node_runtime.serving.spec import GatewayConfig
+
+    upstream_port, gateway_port = free_ports(2)
+    upstream = ThreadServer(pausing_upstream, upstream_port, "/health")
+    config = GatewayConfig.model_validate({
+        "host": "127.0.0.1", "port": gateway_port, "request_timeout_s": 30,
+        "servers": [{"name": "held", "url": upstream.url}, {"name": "broken", "url": upstream.url}],
+        "cluster": cluster_json("127.0.0.1:1"),  # never probed: no /health asked here
+    })
+    gateway = ThreadServer(create_app(config), gateway_port, "/v1/models")
+    yield gateway.url
+    gateway.stop()
+    upstream.stop()
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/completions", {"model": "held", "prompt": "x", "stream": True}),
+    ("/v1/chat/completions", {"model": "held", "messages": [{"role": "user", "content": "x"}], "stream": True}),
+    ("/generate", {"model": "held", "prompt": "x", "stream": True}),
+])
+def test_stream_chunks_arrive_before_the_upstream_finishes(stream_gateway, path, body):
+    RELEASE.clear()
+    with httpx.stream("POST", stream_gateway + path, json=body, timeout=30) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        chunks = response.iter_raw()
+        first = next(chunks)
+        # Had the gateway buffered, this first read would have waited HOLD_S and held the whole stream.
+        assert first == sse('{"choices": [{"text": "first"}]}') and not RELEASE.is_set()
+        RELEASE.set()
+        rest = b"".join(chunks)
+    assert rest == sse('{"choices": [{"text": "second"}]}') + sse("[DONE]")
+
+
+def test_a_stream_cut_upstream_is_cut_for_the_client(stream_gateway):
+    with pytest.raises(httpx.RemoteProtocolError):
+        with httpx.stream("POST", stream_gateway + "/v1/completions",
+                          json={"model": "broken", "prompt": "x", "stream": True}, timeout=30) as response:
+            assert response.status_code == 200
+            b"".join(response.iter_raw())
+    families = text_string_to_metric_families(httpx.get(stream_gateway + "/metrics", timeout=30).text)
+    errors = next(family for family in families if family.name == "gateway_upstream_errors")
+    assert any(sample.labels == {"model": "broken", "kind": "stream_broken"} and sample.value >= 1
+               for sample in errors.samples)
