@@ -124,6 +124,17 @@ def test_unreachable_worker_is_named_and_fails_the_command(cluster):
     reachable = cluster.hosts[2]
     result = run_sync(cluster, [reachable, "root@10.77.0.250"])
     assert result.returncode == 1
-    assert "root@10.77.0.250: FAILED — unreachable" in result.stdout
+    assert f"root@10.77.0.250: FAILED — unreachable from {reachable.ssh_target}" in result.stdout
     assert "sync of /srv/modelstore-test-models/tiny failed on root@10.77.0.250" in result.stderr
     assert f"{reachable.ssh_target}: ok" in result.stdout
+
+
+def test_chain_is_joined_around_an_unreachable_worker(cluster):
+    behind = cluster.hosts[1]
+    shard = behind.private_dirs[MODEL_ROOT] / "tiny" / "model-00002.safetensors"
+    shard.unlink(missing_ok=True)  # data must flow through the joined chain, whatever ran before
+    result = run_sync(cluster, ["root@10.77.0.250", behind])
+    assert result.returncode == 1
+    assert "root@10.77.0.250: FAILED — unreachable:" in result.stdout
+    assert f"{behind.ssh_target}: ok — received " in result.stdout
+    assert worker_verify(behind).returncode == 0

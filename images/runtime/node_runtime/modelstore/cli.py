@@ -32,7 +32,6 @@ from node_runtime.modelstore.sync import (
     Node,
     SshSettings,
     SyncProgress,
-    node_plan,
     print_results,
     receive,
     relay_agent,
@@ -219,13 +218,6 @@ def remove(model_dir: ModelDirArg, yes: Annotated[bool, typer.Option("--yes", he
     typer.echo(f"removed: {model_dir}")
 
 
-@app.command("_plan", hidden=True)
-@fails_cleanly
-def plan_command(model_dir: ModelDirArg, hash: HashOpt = HashMode.sample) -> None:
-    """Node side of sync: read the head's manifest on stdin, answer which bytes are missing."""
-    typer.echo(json.dumps(node_plan(Path(os.path.abspath(model_dir)), sys.stdin.buffer.read(), hash.value)))
-
-
 @app.command("_receive", hidden=True)
 def receive_command(
     model_dir: ModelDirArg,
@@ -235,7 +227,7 @@ def receive_command(
     ssh_config: SshConfigOpt = None,
     hash: HashOpt = HashMode.sample,
 ) -> None:
-    """Node side of sync: receive the stream on stdin, relay it to --next, report events on stdout."""
+    """Node side of sync: answer what this node lacks, relay the stream to --next, keep what it lacks; events on stdout."""
     settings = SshSettings(remote_exec=remote_exec, ssh_config=ssh_config, agent_socket=os.environ.get("SSH_AUTH_SOCK"))
     chain = [Node.parse(spec) for spec in next_nodes or []]
     ok = receive(Path(os.path.abspath(model_dir)), me, chain, settings, hash.value, sys.stdin.buffer, EventWriter(sys.stdout.buffer))
