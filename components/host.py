@@ -12,7 +12,7 @@ import pulumi_docker as docker
 
 from components.accelerators import PROFILES
 from components.config import Node, StackConfig
-from components.containers import container_name, relay_key_path
+from components.containers import container_name, ray_temp_dir, relay_key_path
 
 LOCAL_DOCKER_HOST = "unix:///var/run/docker.sock"
 
@@ -39,7 +39,8 @@ def preflight_script(
         )
     root = shlex.quote(config.model_root)
     lines += [
-        f"mkdir -p {root} {shlex.quote(config.data_root)} || fail \"cannot create modelRoot/dataRoot as $(id -un)\"",
+        # Docker refuses a bind mount whose source is missing: make every mounted directory here.
+        f"mkdir -p {root} {shlex.quote(ray_temp_dir(config))} || fail \"cannot create modelRoot/dataRoot as $(id -un)\"",
         f"free_gb=$(df -Pk {root} | awk 'NR==2 {{print int($4/1048576)}}')",
         f'[ "$free_gb" -ge {config.min_free_disk_gb} ] || fail "only ${{free_gb}} GB free under'
         f' {config.model_root}, need {config.min_free_disk_gb}: free space or lower minFreeDiskGb"',

@@ -92,9 +92,11 @@ class ModelStore(pulumi.ComponentResource):
         )
         placed: pulumi.Resource = download
         if args.workers:
+            # The receivers run the node image on each worker: wait until every worker holds it.
+            images = pulumi.Output.all(head_image, *(args.image_ids[w.label] for w in args.workers))
             placed = head.run(
                 f"{name}-sync",
-                head_image.apply(lambda image: sync_script(config, model, image, args.workers)),
+                images.apply(lambda ids: sync_script(config, model, ids[0], args.workers)),
                 triggers=[download.id],
                 timeout=config.timeouts.model_download,
                 parent=self,

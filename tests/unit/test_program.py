@@ -238,3 +238,15 @@ def test_gateway_shares_the_heads_ray_session_directory(dev):
     mounts = {(m["source"], m["target"]) for m in gateway.inputs["mounts"]}
     assert mounts == {("/data/vllm-dcu/ray", "/data/vllm-dcu/ray")}
     assert "devices" not in gateway.inputs or not gateway.inputs["devices"]
+
+
+def test_model_sync_waits_for_the_image_on_every_worker(dev):
+    sync = dev.named("vllm-model-Llama-3.1-70B-Instruct-sync")
+    for worker in ("dcu-worker-1", "dcu-worker-2"):
+        assert dev.depends_on(sync, dev.named(f"vllm-image-{worker}-id"))
+
+
+def test_preflight_makes_every_bind_mount_source(dev):
+    for host in ("dcu-head", "dcu-worker-1"):
+        script = dev.named(f"vllm-{host}-preflight").inputs["create"]
+        assert "mkdir -p /data/models /data/vllm-dcu/ray" in script
