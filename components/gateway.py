@@ -15,8 +15,9 @@ from components.host import Host
 
 
 def gateway_container_spec(config: StackConfig) -> ContainerSpec:
-    """No devices, no model files: HTTP on the host network (to reach the servers on 127.0.0.1),
-    plus the head's Ray session directory, which its cluster health check connects through."""
+    """No devices, no model files: HTTP on the host network (to reach the servers on 127.0.0.1).
+    Its cluster health check is a Ray driver on the head node, so like a model server it shares
+    the head's Ray session directory, IPC and PID namespaces."""
     return ContainerSpec(
         name=container_name(config, "gateway"),
         command=list(GATEWAY_ENTRY),
@@ -27,8 +28,6 @@ def gateway_container_spec(config: StackConfig) -> ContainerSpec:
         security_opts=[],
         bind_mounts=[(ray_temp_dir(config), False)],
         shm_size_mb=64,
-        ipc_mode="private",
-        pid_mode=None,
     )
 
 

@@ -156,9 +156,16 @@ def stack_config(path: Path) -> dict[str, Any]:
     return {k.removeprefix(prefix): v for k, v in values.items() if k.startswith(prefix)}
 
 
-def run_program(config: dict[str, Any], stack: str = "test", secrets: dict[str, str] | None = None) -> ProgramRun:
-    """Run __main__.py for `config` (keys without the namespace) under mocks."""
-    monitor = RecordingMonitor(ProgramMocks())
+def run_program(
+    config: dict[str, Any], stack: str = "test", secrets: dict[str, str] | None = None,
+    mocks: pulumi.runtime.Mocks | None = None,
+) -> ProgramRun:
+    """Run __main__.py for `config` (keys without the namespace) under mocks.
+
+    `mocks` replaces ProgramMocks: the e2e applier (tests/e2e/apply.py) passes mocks that create
+    each resource for real and answer with its real outputs, as a provider would.
+    """
+    monitor = RecordingMonitor(mocks or ProgramMocks())
     ROOT.set(None)
     pulumi.runtime.set_mocks(monitor.mocks, project=PROJECT, stack=stack, preview=False, monitor=monitor)
     values = {f"{PROJECT}:{k}": v if isinstance(v, str) else json.dumps(v) for k, v in config.items()}
