@@ -3,14 +3,7 @@ profile), a real Ray cluster across them, the tiny model distributed and served,
 and the model files still on every host after teardown.
 
 The tests run in file order against one deployment (each step builds on the one before).
-
-Not collected by the suite yet (the file name does not start with `test_`): the program and the
-gateway do not pass it today, for the reasons listed in bench/e2e/RESULTS.md ("What the e2e
-found"). Run it explicitly, as root:
-
-    .venv/bin/python -m pytest tests/e2e/e2e_cluster_scenario.py -x
-
-and rename it to test_e2e_cluster.py once it passes, so CI runs it.
+Needs root (network namespaces, Docker engines); CI runs it through scripts/test.sh.
 """
 
 from __future__ import annotations
