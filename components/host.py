@@ -130,7 +130,7 @@ class Host(pulumi.ComponentResource):
         ray_container = container_name(config, "ray-head" if args.role == "head" else "ray-worker")
         self.preflight = self.run(
             f"{name}-preflight",
-            preflight_script(config, node, name, args.ports, ray_container),
+            preflight_script(config, node, self.label, args.ports, ray_container),
             parent=self,
         )
         self.ready = [self.preflight]
