@@ -70,4 +70,4 @@ def test_serve_waits_for_the_cluster_then_gives_up(tiny_model, ray_head):
     spec["cluster"] = {**spec["cluster"], "expected_nodes": 2, "timeout_s": 20}
     done = _serve(spec)
     assert done.returncode == 1
-    assert "not ready after 20s: 1 of 2 nodes alive" in done.stderr
+    assert "not ready after 20s: 1 of 2 nodes alive" in done.stderr, done.stderr[-3000:]

@@ -86,6 +86,9 @@ def wait_for_cluster(
 ) -> ClusterState:
     """Probe until the cluster has its nodes and GPUs; ClusterNotReady after spec.timeout_s."""
     deadline = time.monotonic() + spec.timeout_s
+    # What the cluster last reported is the useful part of a timeout message; a probe cut short by
+    # the deadline only adds to it.
+    last_shortfall: str | None = None
     last_seen = "no answer yet"
     while True:
         remaining = deadline - time.monotonic()
@@ -94,9 +97,9 @@ def wait_for_cluster(
             missing = state.shortfall(spec)
             if missing is None:
                 return state
-            last_seen = missing
+            last_seen = last_shortfall = missing
         except ClusterUnreachable as unreachable:
-            last_seen = str(unreachable)
+            last_seen = f"{last_shortfall}; then {unreachable}" if last_shortfall else str(unreachable)
         report(f"waiting for the Ray cluster at {spec.ray_address}: {last_seen}")
         if time.monotonic() + interval >= deadline:
             raise ClusterNotReady(
