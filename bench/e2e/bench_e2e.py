@@ -29,7 +29,6 @@ def main() -> None:
         applied = time.monotonic() - started
         wait_until(lambda: generate(e2e.gateway, "Hello", 1), timeout=300, what="first token")
         first_token = time.monotonic() - started
-        slowest = sorted(e2e.applier.state.values(), key=lambda a: a.seconds, reverse=True)[:5]
 
         started = time.monotonic()
         apply(e2e.config, e2e.applier, secrets=e2e.secrets)
@@ -45,9 +44,6 @@ def main() -> None:
     print(f"| no-change re-apply ({len(changed)} resources changed) | {reapply:.1f} |")
     print(f"| ratio re-apply / bring-up | {reapply / first_token:.3f} |")
     print()
-    print("slowest resources of the bring-up:")
-    for applied_resource in slowest:
-        print(f"- {applied_resource.name}: {applied_resource.seconds:.1f} s")
 
 
 if __name__ == "__main__":
