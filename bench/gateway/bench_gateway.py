@@ -1,20 +1,27 @@
-"""Gateway overhead against direct calls to its model server, on two upstreams, side by side in one run.
+"""Gateway overhead against direct calls to its model server, on two upstreams and two CPU placements, in one run.
 
 Starts a Ray head, a tiny Llama on vLLM's CPU build (through `node-runtime serve`), a fixed-answer
 server speaking vLLM's OpenAI API (fixed_upstream.py), and one `node-runtime gateway` in front of
 each. The two upstreams answer different questions:
-  - real vLLM: what a user sees, but on this 2-core machine the engine, the gateway and the load
-    generator compete for the same cores, so the gateway also waits for CPU;
+  - real vLLM: what a user sees;
   - fixed answer: no engine, so the difference between the two paths is the gateway's own cost.
+And two CPU placements, switched between rounds by setting every thread's affinity:
+  - shared: every process may run on every core. On this 2-core machine the engine, the gateway and
+    the load generator then compete, so the gateway's CPU time is taken from the engine;
+  - split: the engine side (vLLM, Ray, the fixed server) on the first half of the cores, the gateway
+    and the load generator on the other half: a DCU server, where the engine's few CPU threads leave
+    the gateway cores of its own. The engine gets the same cores on both paths.
 
 Every measurement alternates the paths so that drift on the shared machine hits both alike:
   1. latency, one request at a time, direct and gateway alternating request by request (A/B/A/B),
-     over several rounds, for /v1/completions (passed through) and /generate (translated; its direct
-     counterpart is the same /v1/completions request): p50 and p99 added;
-  2. throughput with concurrent clients, direct and gateway alternating round by round (their order
-     swapped each round): the gateway/direct ratio per round, and its median;
+     for /v1/completions (passed through) and /generate (translated; its direct counterpart is the
+     same /v1/completions request), 1 token each: p50 and p99 added;
+  2. throughput with concurrent clients, direct and gateway back to back (order swapped each round),
+     for two workloads: /v1/completions of 1 token (the gateway's cost at its most visible) and the
+     guide's own request to /generate (`{"prompt": "Hello, I am a", "max_tokens": 50}`, greedy so that
+     both paths generate the same tokens): the gateway/direct ratio per round, and its median;
   3. the gateway process's CPU time per request it served;
-  4. /batch_generate of B prompts vs a sequential loop of /generate (real vLLM only).
+  4. /batch_generate of B prompts vs a sequential loop of /generate (real vLLM, shared placement).
 
 Run: .venv/bin/python bench/gateway/bench_gateway.py [--requests 300] [--rounds 4] [--concurrency 16] [--batch 16]
 """
@@ -28,10 +35,12 @@ import statistics
 import sys
 import tempfile
 import time
+from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
+import psutil
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
@@ -41,13 +50,21 @@ from tests.runtime.serving.processes import (  # noqa: E402
 from tests.runtime.serving.tiny_model import build_tiny_llama  # noqa: E402
 
 MODEL = "bench-llama"
-COMPLETION = {"model": MODEL, "prompt": "Hello, I am a", "max_tokens": 1, "temperature": 0}
-GENERATE = {"prompt": "Hello, I am a", "max_tokens": 1, "temperature": 0}
+GUIDE_PROMPT = "Hello, I am a"
+COMPLETION = {"model": MODEL, "prompt": GUIDE_PROMPT, "max_tokens": 1, "temperature": 0}
+GENERATE = {"prompt": GUIDE_PROMPT, "max_tokens": 1, "temperature": 0}
+GUIDE_REQUEST = {"prompt": GUIDE_PROMPT, "max_tokens": 50, "temperature": 0}
 # (label, gateway path and body, direct path and body): the same work asked both ways.
-ENDPOINTS = [
+LATENCY = [
     ("/v1/completions", ("/v1/completions", COMPLETION), ("/v1/completions", COMPLETION)),
     ("/generate", ("/generate", GENERATE), ("/v1/completions", COMPLETION)),
 ]
+THROUGHPUT = [
+    ("/v1/completions, 1 token", ("/v1/completions", COMPLETION), ("/v1/completions", COMPLETION)),
+    ("/generate, guide's request", ("/generate", GUIDE_REQUEST), ("/v1/completions", {"model": MODEL, **GUIDE_REQUEST})),
+]
+PLACEMENTS = ("shared", "split")
+ALL_CORES = sorted(os.sched_getaffinity(0))
 JSON = {"content-type": "application/json"}
 
 
@@ -61,16 +78,38 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
+def pin(pid: int, cores: list[int], *, with_children: bool = True) -> None:
+    """Every thread of the process (and of its descendants): affinity is per thread on Linux."""
+    root = psutil.Process(pid)
+    for process in [root, *(root.children(recursive=True) if with_children else [])]:
+        try:
+            threads = process.threads()
+        except psutil.NoSuchProcess:
+            continue
+        for thread in threads:
+            try:
+                os.sched_setaffinity(thread.id, cores)
+            except ProcessLookupError:  # a thread that just ended
+                pass
+
+
+@dataclass
+class Measures:
+    latency: dict = field(default_factory=lambda: defaultdict(lambda: {"direct": [], "gateway": []}))  # label -> seconds
+    rps: dict = field(default_factory=lambda: defaultdict(lambda: {"direct": [], "gateway": []}))  # label -> req/s per round
+    gateway_requests: int = 0
+    gateway_cpu_s: float = 0.0
+
+
 @dataclass
 class Upstream:
     name: str
+    short: str
     direct: str
     gateway: str
     gateway_pid: int
-    latency: dict = field(default_factory=dict)  # endpoint -> {"direct": [s], "gateway": [s]}
-    rps: dict = field(default_factory=lambda: {"direct": [], "gateway": []})
-    gateway_requests: int = 0
-    gateway_cpu_s: float = 0.0
+    engine_pids: list[int]
+    measures: dict = field(default_factory=lambda: defaultdict(Measures))  # placement -> Measures
 
 
 async def post(session: aiohttp.ClientSession, url: str, body: bytes) -> None:
@@ -80,25 +119,24 @@ async def post(session: aiohttp.ClientSession, url: str, body: bytes) -> None:
             raise RuntimeError(f"{url} answered {response.status}")
 
 
-async def latency_round(upstream: Upstream, count: int, warmup: int) -> None:
+async def latency_round(upstream: Upstream, measures: Measures, count: int, warmup: int) -> None:
     cpu_before = cpu_seconds(upstream.gateway_pid)
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as session:
-        for label, (gateway_path, gateway_body), (direct_path, direct_body) in ENDPOINTS:
+        for label, (gateway_path, gateway_body), (direct_path, direct_body) in LATENCY:
             urls = {"gateway": (upstream.gateway + gateway_path, json.dumps(gateway_body).encode()),
                     "direct": (upstream.direct + direct_path, json.dumps(direct_body).encode())}
-            times = upstream.latency.setdefault(label, {"direct": [], "gateway": []})
+            times = measures.latency[label]
             for i in range(warmup + count):
                 for path in (("direct", "gateway") if i % 2 else ("gateway", "direct")):
                     started = time.perf_counter()
                     await post(session, *urls[path])
                     if i >= warmup:
                         times[path].append(time.perf_counter() - started)
-            upstream.gateway_requests += warmup + count
-    upstream.gateway_cpu_s += cpu_seconds(upstream.gateway_pid) - cpu_before
+            measures.gateway_requests += warmup + count
+    measures.gateway_cpu_s += cpu_seconds(upstream.gateway_pid) - cpu_before
 
 
-async def requests_per_second(url: str, count: int, concurrency: int) -> float:
-    body = json.dumps(COMPLETION).encode()
+async def requests_per_second(url: str, body: bytes, count: int, concurrency: int) -> float:
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as session:
         for _ in range(concurrency):
             await post(session, url, body)
@@ -113,14 +151,26 @@ async def requests_per_second(url: str, count: int, concurrency: int) -> float:
         return count / (time.perf_counter() - started)
 
 
-def throughput_round(upstream: Upstream, count: int, concurrency: int, swap: bool) -> None:
-    for path in (("gateway", "direct") if swap else ("direct", "gateway")):
-        url = (upstream.gateway if path == "gateway" else upstream.direct) + "/v1/completions"
-        cpu_before = cpu_seconds(upstream.gateway_pid)
-        upstream.rps[path].append(asyncio.run(requests_per_second(url, count, concurrency)))
-        if path == "gateway":
-            upstream.gateway_cpu_s += cpu_seconds(upstream.gateway_pid) - cpu_before
-            upstream.gateway_requests += count + concurrency
+def throughput_round(upstream: Upstream, measures: Measures, count: int, concurrency: int, swap: bool) -> None:
+    for label, (gateway_path, gateway_body), (direct_path, direct_body) in THROUGHPUT:
+        for path in (("gateway", "direct") if swap else ("direct", "gateway")):
+            url, body = ((upstream.gateway + gateway_path, gateway_body) if path == "gateway"
+                         else (upstream.direct + direct_path, direct_body))
+            cpu_before = cpu_seconds(upstream.gateway_pid)
+            measures.rps[label][path].append(asyncio.run(requests_per_second(url, json.dumps(body).encode(), count, concurrency)))
+            if path == "gateway":
+                measures.gateway_cpu_s += cpu_seconds(upstream.gateway_pid) - cpu_before
+                measures.gateway_requests += count + concurrency
+
+
+def place(placement: str, upstreams: list[Upstream]) -> None:
+    half = max(1, len(ALL_CORES) // 2)
+    engine_cores, front_cores = (ALL_CORES, ALL_CORES) if placement == "shared" else (ALL_CORES[:half], ALL_CORES[half:])
+    for upstream in upstreams:
+        for pid in upstream.engine_pids:
+            pin(pid, engine_cores)
+        pin(upstream.gateway_pid, front_cores)
+    pin(os.getpid(), front_cores, with_children=False)  # the load generator: this process
 
 
 async def batch_vs_loop(gateway: str, batch: int, rounds: int) -> tuple[float, float]:
@@ -157,27 +207,41 @@ def gateway_in_front(upstream_url: str, ray_address: str, work: Path, max_batch:
     return start_gateway(config, work, api_key=None), f"http://127.0.0.1:{port}"
 
 
-def report(upstream: Upstream, args) -> None:
+def report(upstream: Upstream, placement: str, measures: Measures, args) -> dict:
+    """Prints one upstream × placement; returns its headline figures."""
     ms = 1000
-    print(f"\n== upstream: {upstream.name}")
-    for label, times in upstream.latency.items():
+    headline = {}
+    print(f"\n== upstream: {upstream.name}; placement: {placement}")
+    for label, times in measures.latency.items():
         direct, gateway = times["direct"], times["gateway"]
         for q in (50, 99):
             d, g = percentile(direct, q) * ms, percentile(gateway, q) * ms
             print(f"latency {label:<16} p{q}  direct {d:7.3f} ms  gateway {g:7.3f} ms  -> added {g - d:6.3f} ms"
                   f"   ({len(direct)} requests per path)")
+            headline[f"{label} p{q} added ms"] = g - d
         per_round = [
             (percentile(gateway[i:i + args.requests], 50) - percentile(direct[i:i + args.requests], 50)) * ms
             for i in range(0, len(direct), args.requests)
         ]
         print(f"        {label:<16} p50 added per round: {[round(x, 3) for x in per_round]}")
-    ratios = [g / d for d, g in zip(upstream.rps["direct"], upstream.rps["gateway"])]
-    print(f"throughput, {args.concurrency} clients, {args.requests} requests per path per round:"
-          f" gateway/direct ratio median {statistics.median(ratios):.3f}, per round {[round(r, 3) for r in ratios]}")
-    print(f"        req/s direct {[round(r, 1) for r in upstream.rps['direct']]},"
-          f" gateway {[round(r, 1) for r in upstream.rps['gateway']]}")
-    print(f"gateway CPU time per request served: {upstream.gateway_cpu_s / upstream.gateway_requests * 1e6:.0f} us"
-          f" ({upstream.gateway_requests} requests)")
+    for label, rps in measures.rps.items():
+        ratios = [g / d for d, g in zip(rps["direct"], rps["gateway"])]
+        headline[f"throughput ratio, {label}"] = statistics.median(ratios)
+        print(f"throughput {label}, {args.concurrency} clients, {args.requests} requests per path per round:"
+              f" gateway/direct median {statistics.median(ratios):.3f}, per round {[round(r, 3) for r in ratios]}")
+        print(f"        req/s direct {[round(r, 1) for r in rps['direct']]}, gateway {[round(r, 1) for r in rps['gateway']]}")
+    cpu_us = measures.gateway_cpu_s / measures.gateway_requests * 1e6
+    headline["gateway CPU us/request"] = cpu_us
+    print(f"gateway CPU time per request served: {cpu_us:.0f} us ({measures.gateway_requests} requests)")
+    return headline
+
+
+def summary(headlines: dict[tuple[str, str], dict]) -> None:
+    columns = list(headlines)
+    print("\n== summary (medians; targets: throughput ratio >= 0.95, p50 added <= 0.5 ms)")
+    print(f"{'':46}" + "".join(f"{short + ', ' + placement:>20}" for short, placement in columns))
+    for key in headlines[columns[0]]:
+        print(f"{key:46}" + "".join(f"{headlines[column][key]:20.3f}" for column in columns))
 
 
 def main() -> None:
@@ -188,6 +252,8 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--batch", type=int, default=16)
     args = parser.parse_args()
+    if len(ALL_CORES) < 2:
+        parser.error("the split placement needs at least 2 cores")
 
     work = Path(tempfile.mkdtemp(prefix="nrb-"))
     started: list[Process] = []
@@ -199,31 +265,41 @@ def main() -> None:
         head, ray_address = start_ray_head(work)
         started.append(head)
         spec = serve_spec(model_dir, MODEL, free_ports(1)[0], ray_address, max_num_seqs=64)
-        started.append(start_model_server(spec, work))
+        vllm = start_model_server(spec, work)
+        started.append(vllm)
         fixed, fixed_url = start_fixed_upstream(work)
         started.append(fixed)
         upstreams = []
-        for name, url in (("fixed answer (gateway's own cost)", fixed_url),
-                          ("real vLLM CPU, same 2 cores", f"http://127.0.0.1:{spec['port']}")):
+        for name, short, url, engine in (
+            ("fixed answer (gateway's own cost)", "fixed", fixed_url, [fixed.proc.pid]),
+            ("real vLLM CPU", "vLLM", f"http://127.0.0.1:{spec['port']}", [vllm.proc.pid, head.proc.pid]),
+        ):
             gateway, gateway_url = gateway_in_front(url, ray_address, work, max(64, args.batch))
             started.append(gateway)
-            upstreams.append(Upstream(name, url, gateway_url, gateway.proc.pid))
+            upstreams.append(Upstream(name, short, url, gateway_url, gateway.proc.pid, engine))
 
         for round_number in range(args.rounds):
             swap = bool(round_number % 2)
-            for upstream in (reversed(upstreams) if swap else upstreams):
-                asyncio.run(latency_round(upstream, args.requests, args.warmup))
-                throughput_round(upstream, args.requests, args.concurrency, swap)
+            for placement in (reversed(PLACEMENTS) if swap else PLACEMENTS):
+                place(placement, upstreams)
+                for upstream in (reversed(upstreams) if swap else upstreams):
+                    measures = upstream.measures[placement]
+                    asyncio.run(latency_round(upstream, measures, args.requests, args.warmup))
+                    throughput_round(upstream, measures, args.requests, args.concurrency, swap)
+        place("shared", upstreams)
         batch_s, loop_s = asyncio.run(batch_vs_loop(upstreams[1].gateway, args.batch, args.rounds))
     finally:
         for process in reversed(started):
             process.stop()
         shutil.rmtree(work, ignore_errors=True)
 
-    print(f"gateway vs direct, {args.rounds} interleaved rounds; requests: max_tokens=1, temperature=0;"
-          f" load average at the end {os.getloadavg()[0]:.2f}")
+    print(f"gateway vs direct, {args.rounds} interleaved rounds, cores {ALL_CORES}; load average at the end"
+          f" {os.getloadavg()[0]:.2f}")
+    headlines = {}
     for upstream in upstreams:
-        report(upstream, args)
+        for placement in PLACEMENTS:
+            headlines[(upstream.short, placement)] = report(upstream, placement, upstream.measures[placement], args)
+    summary(headlines)
     print(f"\n/batch_generate of {args.batch} prompts (16 tokens each) {batch_s:.2f} s vs sequential /generate loop"
           f" {loop_s:.2f} s -> {loop_s / batch_s:.1f}x faster")
 

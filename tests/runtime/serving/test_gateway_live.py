@@ -106,6 +106,9 @@ def test_unknown_model_and_route(gateway):
         error = _error(_post(gateway, path, body), 404)
         assert error["code"] == "model_not_found" and MODEL_NAME in error["message"]
     _error(httpx.get(gateway.url + "/no/such/endpoint"), 404)
+    for path in ("/generate", "/v1/completions"):
+        wrong_method = httpx.get(gateway.url + path)
+        assert _error(wrong_method, 405)["code"] == "method_not_allowed" and wrong_method.headers["allow"] == "POST"
 
 
 def test_v1_passes_vllm_answers_through(gateway):

@@ -82,6 +82,8 @@ def test_stream_chunks_arrive_before_the_upstream_finishes(stream_gateway, path,
         assert first == sse('{"choices": [{"text": "first"}]}') and not RELEASE.is_set()
         RELEASE.set()
         rest = b"".join(chunks)
+        # The upstream's own date and server headers are not relayed next to the gateway's.
+        assert len(response.headers.get_list("date")) == 1 and len(response.headers.get_list("server")) == 1
     assert rest == sse('{"choices": [{"text": "second"}]}') + sse("[DONE]")
 
 

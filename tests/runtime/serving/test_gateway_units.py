@@ -2,6 +2,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from node_runtime.serving.gateway.errors import GatewayError
+from node_runtime.serving.gateway.generate import BatchGenerateRequest, GenerateRequest, parse
 from node_runtime.serving.gateway.metrics import relabel_vllm_metrics
 from node_runtime.serving.gateway.upstream import pick_server
 from node_runtime.serving.spec import UpstreamServer
@@ -38,3 +39,19 @@ def test_vllm_metrics_merged_with_a_model_label():
     running = {sample.labels["model"]: sample.value for sample in families["vllm:num_requests_running"].samples}
     assert running == {"a": 1.0, "b": 3.0}
     assert text.count("# TYPE vllm:num_requests_running gauge") == 1
+
+
+@pytest.mark.parametrize("body, param, message", [
+    (b'{"max_tokens": 5}', "prompt", "prompt: Field required"),
+    (b'{"prompt": "x", "max_token": 5}', "max_token", "max_token: unknown field"),
+    (b'{"prompt": "x", "max_tokens": 0}', "max_tokens", "max_tokens: Input should be greater than or equal to 1"),
+    (b'{"prompts": ["a", 7]}', "prompts[1]", "prompts[1]: Input should be a valid string"),
+    (b'{"prompt": "x"', None, "request body is not valid JSON: EOF while parsing"),
+    (b'[1, 2]', "body", "body: Input should be an object"),
+])
+def test_parse_names_the_field_as_the_client_wrote_it(body, param, message):
+    model = BatchGenerateRequest if b"prompts" in body else GenerateRequest
+    with pytest.raises(GatewayError) as invalid:
+        parse(model, body)
+    assert invalid.value.status == 422 and invalid.value.param == param
+    assert invalid.value.message.startswith(message), invalid.value.message

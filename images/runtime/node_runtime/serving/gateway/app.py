@@ -1,4 +1,4 @@
-"""The gateway app: one router per concern, the upstream client (aiohttp, see upstream.py) made in the lifespan."""
+"""The gateway app: POST routes in GenerationRoutes, GET routes in FastAPI, the upstream client (aiohttp, see upstream.py) made in the lifespan."""
 
 from contextlib import asynccontextmanager
 
@@ -7,6 +7,7 @@ from fastapi import FastAPI
 from node_runtime import __version__
 from node_runtime.serving.gateway import generate, openai_api, status
 from node_runtime.serving.gateway.errors import install_error_handlers
+from node_runtime.serving.gateway.generation_routes import GenerationRoutes
 from node_runtime.serving.gateway.metrics import RequestMetricsMiddleware
 from node_runtime.serving.gateway.upstream import ClusterMonitor, upstream_session
 from node_runtime.serving.spec import GatewayConfig
@@ -27,8 +28,14 @@ def create_app(config: GatewayConfig, api_key: str | None = None, *, cluster_ttl
     app.state.api_key = api_key or None
     app.state.servers = {server.name: server for server in config.servers}
     app.state.cluster = ClusterMonitor(config.cluster, ttl_s=cluster_ttl_s)
-    for module in (openai_api, generate, status):  # routes are matched in order: the busiest first
-        app.include_router(module.router)
+    app.include_router(openai_api.router)
+    app.include_router(status.router)
     install_error_handlers(app)
-    app.add_middleware(RequestMetricsMiddleware)
+    app.add_middleware(GenerationRoutes, handlers={
+        "/generate": generate.generate,
+        "/batch_generate": generate.batch_generate,
+        "/v1/completions": openai_api.forward,
+        "/v1/chat/completions": openai_api.forward,
+    })
+    app.add_middleware(RequestMetricsMiddleware)  # added last = outermost: it also counts the pass-through
     return app

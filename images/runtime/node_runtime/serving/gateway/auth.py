@@ -7,13 +7,17 @@ from fastapi import Request
 from node_runtime.serving.gateway.errors import GatewayError
 
 
-async def require_api_key(request: Request) -> None:
-    expected: str | None = request.app.state.api_key
+def check_api_key(authorization: str | None, expected: str | None) -> None:
+    """Raise 401 unless `authorization` is 'Bearer <expected>' (or no key is configured)."""
     if expected is None:
         return
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    scheme, _, token = (authorization or "").partition(" ")
     if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), expected.encode()):
         raise GatewayError(
             401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
             code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"},
         )
+
+
+async def require_api_key(request: Request) -> None:
+    check_api_key(request.headers.get("authorization"), request.app.state.api_key)

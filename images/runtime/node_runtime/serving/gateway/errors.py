@@ -6,7 +6,6 @@ All handlers are installed here, in one place; a client never sees a traceback.
 import logging
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -15,6 +14,7 @@ log = logging.getLogger("node_runtime.gateway")
 ERROR_TYPES = {
     401: "authentication_error",
     404: "not_found_error",
+    405: "invalid_request_error",
     413: "invalid_request_error",
     422: "invalid_request_error",
     503: "service_unavailable_error",
@@ -32,6 +32,9 @@ class GatewayError(Exception):
         self.code = code
         self.headers = headers
 
+    def response(self) -> JSONResponse:
+        return error_response(self.status, self.message, param=self.param, code=self.code, headers=self.headers)
+
 
 def error_response(status: int, message: str, *, param: str | None = None, code: str | None = None,
                    error_type: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -39,18 +42,23 @@ def error_response(status: int, message: str, *, param: str | None = None, code:
     return JSONResponse({"error": body}, status_code=status, headers=headers)
 
 
+def unexpected_error_response(method: str, path: str) -> JSONResponse:
+    """A 500 without the traceback; the traceback goes to the gateway's log. Call from an except block."""
+    log.exception("unexpected error on %s %s", method, path)
+    return error_response(500, "internal gateway error; the gateway's log has the details", error_type="api_error")
+
+
 def _field_path(loc: tuple) -> str:
-    parts = [str(part) for part in loc[1:]] if loc and loc[0] in ("body", "query", "path") else [str(p) for p in loc]
     path = ""
-    for part in parts:
+    for part in map(str, loc):
         path += f"[{part}]" if part.isdigit() else (f".{part}" if path else part)
     return path
 
 
-def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
-    """('<field>: <problem>; ...', first field) — the fields named the way the client wrote them."""
+def validation_message(errors) -> tuple[str, str | None]:
+    """Pydantic's errors as ('<field>: <problem>; ...', first field): the fields named the way the client wrote them."""
     problems, first_field = [], None
-    for error in exc.errors():
+    for error in errors:
         if error["type"] == "json_invalid":
             return f"request body is not valid JSON: {error.get('ctx', {}).get('error', error['msg'])}", None
         field = _field_path(tuple(error["loc"])) or "body"
@@ -63,12 +71,7 @@ def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(GatewayError)
     async def _gateway_error(request: Request, exc: GatewayError) -> JSONResponse:
-        return error_response(exc.status, exc.message, param=exc.param, code=exc.code, headers=exc.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
-        message, field = validation_message(exc)
-        return error_response(422, message, param=field, code="invalid_request")
+        return exc.response()
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -76,5 +79,4 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unexpected error on %s %s", request.method, request.url.path)
-        return error_response(500, "internal gateway error; the gateway's log has the details", error_type="api_error")
+        return unexpected_error_response(request.method, request.url.path)

@@ -1,18 +1,17 @@
-"""The guide's endpoints: /generate and /batch_generate, served through vLLM's /v1/completions."""
+"""The guide's endpoints: /generate and /batch_generate, served through vLLM's /v1/completions.
+
+Their handlers run in generation_routes.GenerationRoutes.
+"""
 
 import asyncio
 import json
 
-from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.responses import JSONResponse, Response
 
-from node_runtime.serving.gateway.auth import require_api_key
-from node_runtime.serving.gateway.errors import GatewayError
-from node_runtime.serving.gateway.upstream import pass_through, pick_server, post_upstream
+from node_runtime.serving.gateway.errors import GatewayError, validation_message
+from node_runtime.serving.gateway.upstream import pass_through, post_upstream, route
 from node_runtime.serving.spec import UpstreamServer
-
-router = APIRouter(dependencies=[Depends(require_api_key)])
 
 
 class Sampling(BaseModel):
@@ -48,8 +47,17 @@ def generation_result(completion: dict) -> dict:
             "usage": completion["usage"]}
 
 
-async def complete(request: Request, server: UpstreamServer, body: dict, *, where: str | None = None) -> dict:
-    response, content = await post_upstream(request, server, "/v1/completions", json.dumps(body).encode())
+def parse(model: type[BaseModel], body: bytes):
+    """The body as `model`, or a 422 naming each offending field the way the client wrote it."""
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as invalid:
+        message, field = validation_message(invalid.errors())
+        raise GatewayError(422, message, param=field, code="invalid_request") from None
+
+
+async def complete(state, scope: dict, server: UpstreamServer, body: dict, *, where: str | None = None) -> dict:
+    response, content = await post_upstream(state.client, scope, server, "/v1/completions", json.dumps(body).encode())
     if response.status == 200:
         return json.loads(content)
     try:
@@ -64,30 +72,28 @@ async def complete(request: Request, server: UpstreamServer, body: dict, *, wher
     raise GatewayError(status, message, param=param, code="upstream_rejected")
 
 
-@router.post("/generate")
-async def generate(body: GenerateRequest, request: Request):
-    server = pick_server(request.app.state.servers, body.model)
-    request.state.model = server.name
-    completion_body = body.completion_body(server, body.prompt, stream=body.stream)
-    if body.stream:
-        return await pass_through(request, server, "/v1/completions", json.dumps(completion_body).encode(), stream=True)
-    completion = await complete(request, server, completion_body)
-    # Plain JSON already: a JSONResponse skips FastAPI's jsonable_encoder walk over the answer.
+async def generate(state, scope: dict, body: bytes) -> Response:
+    request = parse(GenerateRequest, body)
+    server = route(state, scope, request.model)
+    completion_body = request.completion_body(server, request.prompt, stream=request.stream)
+    if request.stream:
+        return await pass_through(state.client, scope, server, "/v1/completions", json.dumps(completion_body).encode(),
+                                  stream=True)
+    completion = await complete(state, scope, server, completion_body)
     return JSONResponse({"id": completion["id"], "model": server.name, **generation_result(completion)})
 
 
-@router.post("/batch_generate")
-async def batch_generate(body: BatchGenerateRequest, request: Request):
-    limit = request.app.state.config.max_batch_size
-    if len(body.prompts) > limit:
-        raise GatewayError(413, f"prompts has {len(body.prompts)} items, more than max_batch_size {limit}: "
+async def batch_generate(state, scope: dict, body: bytes) -> Response:
+    request = parse(BatchGenerateRequest, body)
+    limit = state.config.max_batch_size
+    if len(request.prompts) > limit:
+        raise GatewayError(413, f"prompts has {len(request.prompts)} items, more than max_batch_size {limit}: "
                                 "split the batch", param="prompts", code="batch_too_large")
-    server = pick_server(request.app.state.servers, body.model)
-    request.state.model = server.name
+    server = route(state, scope, request.model)
     # All at once: vLLM's scheduler batches concurrent requests (continuous batching).
     completions = await asyncio.gather(*(
-        complete(request, server, body.completion_body(server, prompt), where=f"prompts[{i}]")
-        for i, prompt in enumerate(body.prompts)
+        complete(state, scope, server, request.completion_body(server, prompt), where=f"prompts[{i}]")
+        for i, prompt in enumerate(request.prompts)
     ))
     results = [generation_result(completion) for completion in completions]
     usage = {key: sum(result["usage"][key] for result in results) for key in ("prompt_tokens", "completion_tokens", "total_tokens")}

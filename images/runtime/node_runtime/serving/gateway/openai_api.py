@@ -1,15 +1,26 @@
-"""OpenAI-compatible /v1/*: routed by `model`, bodies and streams passed through untouched."""
+"""OpenAI-compatible /v1/*: routed by `model`, bodies and streams passed through untouched.
+
+The POST handlers run in generation_routes.GenerationRoutes; GET /v1/models is a FastAPI route.
+"""
 
 import json
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
+from starlette.responses import Response
 
 from node_runtime.serving.gateway.auth import require_api_key
 from node_runtime.serving.gateway.errors import GatewayError
-from node_runtime.serving.gateway.upstream import pass_through, pick_server
+from node_runtime.serving.gateway.upstream import pass_through, route
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
+
+
+@router.get("/models")
+async def models(request: Request):
+    return JSONResponse({"object": "list", "data": [
+        {"id": name, "object": "model", "owned_by": "node-runtime"} for name in request.app.state.servers
+    ]})
 
 
 def routing_fields(body: bytes) -> tuple[str | None, bool]:
@@ -26,26 +37,7 @@ def routing_fields(body: bytes) -> tuple[str | None, bool]:
     return model, payload.get("stream") is True
 
 
-async def _route(request: Request, path: str):
-    body = await request.body()
+async def forward(state, scope: dict, body: bytes) -> Response:
+    """POST /v1/completions and /v1/chat/completions: to the same path on the model's server."""
     model, stream = routing_fields(body)
-    server = pick_server(request.app.state.servers, model)
-    request.state.model = server.name
-    return await pass_through(request, server, path, body, stream=stream)
-
-
-@router.post("/completions")
-async def completions(request: Request):
-    return await _route(request, "/v1/completions")
-
-
-@router.post("/chat/completions")
-async def chat_completions(request: Request):
-    return await _route(request, "/v1/chat/completions")
-
-
-@router.get("/models")
-async def models(request: Request):
-    return JSONResponse({"object": "list", "data": [
-        {"id": name, "object": "model", "owned_by": "node-runtime"} for name in request.app.state.servers
-    ]})
+    return await pass_through(state.client, scope, route(state, scope, model), scope["path"], body, stream=stream)

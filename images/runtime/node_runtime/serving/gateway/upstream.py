@@ -16,7 +16,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import aiohttp
-from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
 from node_runtime.serving.cluster import ClusterState, ClusterUnreachable, probe_async
@@ -24,9 +23,10 @@ from node_runtime.serving.gateway.errors import GatewayError
 from node_runtime.serving.gateway.metrics import UPSTREAM_ERRORS
 from node_runtime.serving.spec import ClusterSpec, UpstreamServer
 
-HOP_BY_HOP = frozenset({
+# Hop-by-hop headers belong to one connection; date and server are the gateway's own (uvicorn's).
+NOT_RELAYED = frozenset({
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
-    "transfer-encoding", "upgrade",
+    "transfer-encoding", "upgrade", "date", "server",
 })
 HEALTH_TIMEOUT = aiohttp.ClientTimeout(total=5.0)
 # Below the model server's own idle keep-alive (uvicorn's 5 s in vLLM), so the gateway never sends
@@ -67,6 +67,13 @@ def pick_server(servers: dict[str, UpstreamServer], model: str | None) -> Upstre
                            code="model_not_found") from None
 
 
+def route(state, scope: dict, model: str | None) -> UpstreamServer:
+    """pick_server, noting the model in the scope: RequestMetricsMiddleware labels the request by it."""
+    server = pick_server(state.servers, model)
+    scope.setdefault("state", {})["model"] = server.name
+    return server
+
+
 @contextmanager
 def upstream_errors(server: UpstreamServer):
     """A model server that cannot be reached is a 503, a slow one a 504."""
@@ -86,25 +93,32 @@ def upstream_errors(server: UpstreamServer):
                                 "see /health", code="model_unavailable") from None
 
 
-async def post_upstream(request: Request, server: UpstreamServer, path: str, body: bytes,
+def header(scope: dict, name: bytes) -> str | None:
+    """A request header straight from the ASGI scope (whose names arrive lower-cased)."""
+    for key, value in scope["headers"]:
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
+def request_id(scope: dict) -> str:
+    """The client's X-Request-Id, else a new one: random enough to be unique, not a secret (no urandom call)."""
+    rid = scope.get("request_id")
+    if rid is None:
+        rid = scope["request_id"] = header(scope, b"x-request-id") or f"{random.getrandbits(128):032x}"
+    return rid
+
+
+async def post_upstream(session: aiohttp.ClientSession, scope: dict, server: UpstreamServer, path: str, body: bytes,
                         *, stream: bool = False) -> tuple[aiohttp.ClientResponse, bytes | None]:
     """POST a JSON body to a model server: (response, its whole body), or (open response, None) for a stream."""
-    session: aiohttp.ClientSession = request.app.state.client
-    headers = {"content-type": "application/json", "accept": request.headers.get("accept", "*/*"),
-               "x-request-id": request_id(request)}
+    headers = {"content-type": "application/json", "accept": header(scope, b"accept") or "*/*",
+               "x-request-id": request_id(scope)}
     with upstream_errors(server):
         response = await session.post(base_url(server) + path, data=body, headers=headers)
         if stream:
             return response, None
         return response, await response.read()
-
-
-def request_id(request: Request) -> str:
-    """The client's X-Request-Id, else a new one: random enough to be unique, not a secret (no urandom call)."""
-    rid = request.scope.get("request_id")
-    if rid is None:
-        rid = request.scope["request_id"] = request.headers.get("x-request-id") or f"{random.getrandbits(128):032x}"
-    return rid
 
 
 async def _relay(response: aiohttp.ClientResponse, server: UpstreamServer):
@@ -123,16 +137,17 @@ async def _relay(response: aiohttp.ClientResponse, server: UpstreamServer):
         response.release()
 
 
-async def pass_through(request: Request, server: UpstreamServer, path: str, body: bytes, *, stream: bool) -> Response:
+async def pass_through(session: aiohttp.ClientSession, scope: dict, server: UpstreamServer, path: str, body: bytes,
+                       *, stream: bool) -> Response:
     """Forward the client's bytes unchanged; a stream (SSE) goes back chunk by chunk as it comes.
 
     A non-streaming answer is relayed in one piece: same bytes, fewer writes than a stream.
     """
-    response, content = await post_upstream(request, server, path, body, stream=stream)
+    response, content = await post_upstream(session, scope, server, path, body, stream=stream)
     if response.status >= 500:
         UPSTREAM_ERRORS.labels(server.name, "http_5xx").inc()
-    headers = {name: value for name, value in response.headers.items() if name.lower() not in HOP_BY_HOP}
-    headers["x-request-id"] = request_id(request)
+    headers = {name: value for name, value in response.headers.items() if name.lower() not in NOT_RELAYED}
+    headers["x-request-id"] = request_id(scope)
     if content is not None:
         return Response(content, status_code=response.status, headers=headers)
     return StreamingResponse(_relay(response, server), status_code=response.status, headers=headers)
