@@ -1,10 +1,12 @@
 """Gateway overhead against direct calls to its model server, on two upstreams and two CPU placements, in one run.
 
-Starts a Ray head, a tiny Llama on vLLM's CPU build (through `node-runtime serve`), a fixed-answer
-server speaking vLLM's OpenAI API (fixed_upstream.py), and one `node-runtime gateway` in front of
-each. The two upstreams answer different questions:
-  - real vLLM: what a user sees;
-  - fixed answer: no engine, so the difference between the two paths is the gateway's own cost.
+Starts a Ray head, a tiny Llama on vLLM's CPU build (through `node-runtime serve`), two fixed-answer
+servers speaking vLLM's OpenAI API (fixed_upstream.py), and one `node-runtime gateway` in front of
+each. The three upstreams answer different questions:
+  - fixed answer, at once: no engine, so the difference between the two paths is the gateway's own cost;
+  - fixed answer after a delay (about vLLM's time per request here), using no CPU meanwhile: the
+    gateway now idles between requests, as it does in front of vLLM, with nothing competing for CPU;
+  - real vLLM: what a user sees.
 And two CPU placements, switched between rounds by setting every thread's affinity:
   - shared: every process may run on every core. On this 2-core machine the engine, the gateway and
     the load generator then compete, so the gateway's CPU time is taken from the engine;
@@ -16,14 +18,14 @@ Every measurement alternates the paths so that drift on the shared machine hits 
   1. latency, one request at a time, direct and gateway alternating request by request (A/B/A/B),
      for /v1/completions (passed through) and /generate (translated; its direct counterpart is the
      same /v1/completions request), 1 token each: p50 and p99 added;
-  2. throughput with concurrent clients, direct and gateway back to back (order swapped each round),
-     for two workloads: /v1/completions of 1 token (the gateway's cost at its most visible) and the
+  2. throughput with concurrent clients for a fixed time, direct and gateway back to back (order
+     swapped each round), for two workloads: /v1/completions of 1 token (the gateway's cost at its most visible) and the
      guide's own request to /generate (`{"prompt": "Hello, I am a", "max_tokens": 50}`, greedy so that
      both paths generate the same tokens): the gateway/direct ratio per round, and its median;
   3. the gateway process's CPU time per request it served;
   4. /batch_generate of B prompts vs a sequential loop of /generate (real vLLM, shared placement).
 
-Run: .venv/bin/python bench/gateway/bench_gateway.py [--requests 300] [--rounds 4] [--concurrency 16] [--batch 16]
+Run: .venv/bin/python bench/gateway/bench_gateway.py [--requests 300] [--seconds 5] [--rounds 4] [--concurrency 16]
 """
 
 import argparse
@@ -136,31 +138,34 @@ async def latency_round(upstream: Upstream, measures: Measures, count: int, warm
     measures.gateway_cpu_s += cpu_seconds(upstream.gateway_pid) - cpu_before
 
 
-async def requests_per_second(url: str, body: bytes, count: int, concurrency: int) -> float:
+async def requests_per_second(url: str, body: bytes, seconds: float, concurrency: int) -> tuple[float, int]:
+    """(completed requests per second over `seconds`, requests sent in all, warm-up included)."""
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as session:
-        for _ in range(concurrency):
-            await post(session, url, body)
-        queue = iter(range(count))
+        await asyncio.gather(*(post(session, url, body) for _ in range(concurrency)))
+        done = 0
 
-        async def worker():
-            for _ in queue:
+        async def worker(deadline: float):
+            nonlocal done
+            while time.perf_counter() < deadline:
                 await post(session, url, body)
+                done += 1
 
         started = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        return count / (time.perf_counter() - started)
+        await asyncio.gather(*(worker(started + seconds) for _ in range(concurrency)))
+        return done / (time.perf_counter() - started), done + concurrency
 
 
-def throughput_round(upstream: Upstream, measures: Measures, count: int, concurrency: int, swap: bool) -> None:
+def throughput_round(upstream: Upstream, measures: Measures, seconds: float, concurrency: int, swap: bool) -> None:
     for label, (gateway_path, gateway_body), (direct_path, direct_body) in THROUGHPUT:
         for path in (("gateway", "direct") if swap else ("direct", "gateway")):
             url, body = ((upstream.gateway + gateway_path, gateway_body) if path == "gateway"
                          else (upstream.direct + direct_path, direct_body))
             cpu_before = cpu_seconds(upstream.gateway_pid)
-            measures.rps[label][path].append(asyncio.run(requests_per_second(url, json.dumps(body).encode(), count, concurrency)))
+            rps, sent = asyncio.run(requests_per_second(url, json.dumps(body).encode(), seconds, concurrency))
+            measures.rps[label][path].append(rps)
             if path == "gateway":
                 measures.gateway_cpu_s += cpu_seconds(upstream.gateway_pid) - cpu_before
-                measures.gateway_requests += count + concurrency
+                measures.gateway_requests += sent
 
 
 def place(placement: str, upstreams: list[Upstream]) -> None:
@@ -189,9 +194,9 @@ async def batch_vs_loop(gateway: str, batch: int, rounds: int) -> tuple[float, f
     return statistics.median(batch_times), statistics.median(loop_times)
 
 
-def start_fixed_upstream(work: Path) -> tuple[Process, str]:
+def start_fixed_upstream(work: Path, delay_ms: float = 0) -> tuple[Process, str]:
     port = free_ports(1)[0]
-    server = Process(f"fixed-{port}", [sys.executable, str(Path(__file__).with_name("fixed_upstream.py")), str(port)],
+    server = Process(f"fixed-{port}", [sys.executable, str(Path(__file__).with_name("fixed_upstream.py")), str(port), str(delay_ms)],
                      dict(os.environ), work)
     server.start()
     url = f"http://127.0.0.1:{port}"
@@ -227,7 +232,7 @@ def report(upstream: Upstream, placement: str, measures: Measures, args) -> dict
     for label, rps in measures.rps.items():
         ratios = [g / d for d, g in zip(rps["direct"], rps["gateway"])]
         headline[f"throughput ratio, {label}"] = statistics.median(ratios)
-        print(f"throughput {label}, {args.concurrency} clients, {args.requests} requests per path per round:"
+        print(f"throughput {label}, {args.concurrency} clients, {args.seconds:g} s per path per round:"
               f" gateway/direct median {statistics.median(ratios):.3f}, per round {[round(r, 3) for r in ratios]}")
         print(f"        req/s direct {[round(r, 1) for r in rps['direct']]}, gateway {[round(r, 1) for r in rps['gateway']]}")
     cpu_us = measures.gateway_cpu_s / measures.gateway_requests * 1e6
@@ -246,7 +251,9 @@ def summary(headlines: dict[tuple[str, str], dict]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--requests", type=int, default=300, help="requests per path per round (latency and throughput)")
+    parser.add_argument("--requests", type=int, default=300, help="latency: requests per path and endpoint per round")
+    parser.add_argument("--seconds", type=float, default=5, help="throughput: seconds per path and workload per round")
+    parser.add_argument("--delay-ms", type=float, default=7, help="the delayed fixed upstream's wait (about vLLM's latency here)")
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=30, help="unmeasured requests per path before each latency round")
     parser.add_argument("--concurrency", type=int, default=16)
@@ -268,10 +275,12 @@ def main() -> None:
         vllm = start_model_server(spec, work)
         started.append(vllm)
         fixed, fixed_url = start_fixed_upstream(work)
-        started.append(fixed)
+        delayed, delayed_url = start_fixed_upstream(work, args.delay_ms)
+        started += [fixed, delayed]
         upstreams = []
         for name, short, url, engine in (
-            ("fixed answer (gateway's own cost)", "fixed", fixed_url, [fixed.proc.pid]),
+            ("fixed answer at once (the gateway's own cost)", "fixed", fixed_url, [fixed.proc.pid]),
+            (f"fixed answer after {args.delay_ms:g} ms (an idle gateway's cost)", "delayed", delayed_url, [delayed.proc.pid]),
             ("real vLLM CPU", "vLLM", f"http://127.0.0.1:{spec['port']}", [vllm.proc.pid, head.proc.pid]),
         ):
             gateway, gateway_url = gateway_in_front(url, ray_address, work, max(64, args.batch))
@@ -285,9 +294,9 @@ def main() -> None:
                 for upstream in (reversed(upstreams) if swap else upstreams):
                     measures = upstream.measures[placement]
                     asyncio.run(latency_round(upstream, measures, args.requests, args.warmup))
-                    throughput_round(upstream, measures, args.requests, args.concurrency, swap)
+                    throughput_round(upstream, measures, args.seconds, args.concurrency, swap)
         place("shared", upstreams)
-        batch_s, loop_s = asyncio.run(batch_vs_loop(upstreams[1].gateway, args.batch, args.rounds))
+        batch_s, loop_s = asyncio.run(batch_vs_loop(upstreams[-1].gateway, args.batch, args.rounds))
     finally:
         for process in reversed(started):
             process.stop()

@@ -4,11 +4,13 @@ Put behind the gateway it isolates the gateway's own cost from the engine compet
 CPU cores. It speaks what the gateway uses of vLLM: POST /v1/completions and /v1/chat/completions
 (JSON, or SSE when "stream": true), GET /health and GET /metrics. Its answers are fixed except for
 the echoed model and the request's `n`/`max_tokens`, so both paths (direct and through the gateway)
-get identical work.
+get identical work. With DELAY_MS it holds each completion that long first, without using CPU: the
+gateway then waits for its upstream as it does for vLLM, but nothing competes for the cores.
 
-Run: python bench/gateway/fixed_upstream.py PORT   (a plain ASGI app on uvicorn with uvloop + httptools)
+Run: python bench/gateway/fixed_upstream.py PORT [DELAY_MS]   (a plain ASGI app on uvicorn with uvloop + httptools)
 """
 
+import asyncio
 import itertools
 import json
 import sys
@@ -21,6 +23,7 @@ METRICS = b"""# HELP vllm:num_requests_running Number of requests in model execu
 vllm:num_requests_running{engine="0"} 0.0
 """
 _ids = itertools.count()
+DELAY_S = float(sys.argv[2]) / 1000 if len(sys.argv) > 2 else 0.0
 
 
 def completion(body: dict, chat: bool) -> dict:
@@ -58,6 +61,8 @@ async def app(scope, receive, send):
     path, status, content_type = scope["path"], 200, b"application/json"
     if scope["method"] == "POST" and path in ("/v1/completions", "/v1/chat/completions"):
         body = json.loads(await read_body(receive))
+        if DELAY_S:
+            await asyncio.sleep(DELAY_S)
         chat = path.endswith("chat/completions")
         answer = completion(body, chat)
         if body.get("stream"):
