@@ -1,4 +1,5 @@
-"""Streams pass through the gateway as they come, and a stream cut upstream is cut for the client too.
+"""Streams pass through the gateway as they come, a stream cut upstream is cut for the client too, and
+a client that hangs up is hung up on upstream (so vLLM stops generating for nobody).
 
 The upstream here is shaped by the test (vLLM cannot be told to pause mid-stream or die on cue):
 it sends one SSE event, then holds the rest until the test has seen that event through the gateway.
@@ -15,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from .processes import ThreadServer, cluster_json, free_ports
 
 RELEASE = threading.Event()
+HUNG_UP = threading.Event()
 HOLD_S = 5.0
 
 
@@ -23,7 +25,8 @@ def sse(payload: str) -> bytes:
 
 
 async def pausing_upstream(scope, receive, send):
-    """vLLM's streaming shape; model "held" waits for RELEASE after its first event, "broken" dies there."""
+    """vLLM's streaming shape; model "held" waits for RELEASE after its first event, "broken" dies there,
+    "silent" (streaming or not) answers nothing more and notes when its client, the gateway, hangs up."""
     if scope["type"] == "lifespan":
         while (message := await receive())["type"] != "lifespan.shutdown":
             await send({"type": "lifespan.startup.complete"})
@@ -36,9 +39,16 @@ async def pausing_upstream(scope, receive, send):
     body = b""
     while (message := await receive()).get("more_body"):
         body += message["body"]
-    model = json.loads(body + message.get("body", b""))["model"]
+    payload = json.loads(body + message.get("body", b""))
+    model = payload["model"]
+    if model == "silent" and not payload.get("stream"):
+        await note_hang_up(receive)
+        return
     await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
     await send({"type": "http.response.body", "body": sse('{"choices": [{"text": "first"}]}'), "more_body": True})
+    if model == "silent":
+        await note_hang_up(receive)
+        return
     if model == "broken":
         raise RuntimeError("engine died mid-stream")  # uvicorn drops the connection without ending the body
     for _ in range(int(HOLD_S / 0.05)):
@@ -46,6 +56,12 @@ async def pausing_upstream(scope, receive, send):
             break
         await asyncio.sleep(0.05)
     await send({"type": "http.response.body", "body": sse('{"choices": [{"text": "second"}]}') + sse("[DONE]")})
+
+
+async def note_hang_up(receive):
+    while (await receive())["type"] != "http.disconnect":  # the body is read: only a hang-up can come
+        pass
+    HUNG_UP.set()
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +73,7 @@ def stream_gateway():
     upstream = ThreadServer(pausing_upstream, upstream_port, "/health")
     config = GatewayConfig.model_validate({
         "host": "127.0.0.1", "port": gateway_port, "request_timeout_s": 30,
-        "servers": [{"name": "held", "url": upstream.url}, {"name": "broken", "url": upstream.url}],
+        "servers": [{"name": name, "url": upstream.url} for name in ("held", "broken", "silent")],
         "cluster": cluster_json("127.0.0.1:1"),  # never probed: no /health asked here
     })
     gateway = ThreadServer(create_app(config), gateway_port, "/v1/models")
@@ -97,3 +113,29 @@ def test_a_stream_cut_upstream_is_cut_for_the_client(stream_gateway):
     errors = next(family for family in families if family.name == "gateway_upstream_errors")
     assert any(sample.labels == {"model": "broken", "kind": "stream_broken"} and sample.value >= 1
                for sample in errors.samples)
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/completions", {"model": "silent", "prompt": "x"}),
+    ("/v1/chat/completions", {"model": "silent", "messages": [{"role": "user", "content": "x"}]}),
+    ("/generate", {"model": "silent", "prompt": "x"}),
+    ("/batch_generate", {"model": "silent", "prompts": ["x", "y"]}),
+])
+def test_a_client_that_hangs_up_is_hung_up_on_upstream(stream_gateway, path, body):
+    HUNG_UP.clear()
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(stream_gateway + path, json=body, timeout=httpx.Timeout(30, read=0.5))
+    # Well before the gateway's own 30 s request timeout would close the upstream connection anyway.
+    assert HUNG_UP.wait(10), "the model server never saw the gateway hang up"
+    families = text_string_to_metric_families(httpx.get(stream_gateway + "/metrics", timeout=30).text)
+    requests = next(family for family in families if family.name == "gateway_requests")
+    assert any(sample.labels == {"endpoint": path, "model": "silent", "status": "499"} and sample.value >= 1
+               for sample in requests.samples)
+
+
+def test_a_client_that_leaves_a_stream_is_hung_up_on_upstream(stream_gateway):
+    HUNG_UP.clear()
+    with httpx.stream("POST", stream_gateway + "/v1/completions",
+                      json={"model": "silent", "prompt": "x", "stream": True}, timeout=30) as response:
+        assert next(response.iter_raw()) == sse('{"choices": [{"text": "first"}]}')
+    assert HUNG_UP.wait(10), "the model server never saw the gateway hang up"

@@ -6,6 +6,7 @@ request there (bench/gateway/RESULTS.md), a fifth of the gateway's latency budge
 routes skip them; errors keep the one shape of errors.py. The GET routes stay FastAPI's.
 """
 
+import asyncio
 from collections.abc import Awaitable, Callable
 
 from starlette.responses import Response
@@ -27,6 +28,35 @@ async def read_body(receive) -> bytes:
             return b"".join(chunks)
 
 
+async def unless_client_leaves(receive, work: Awaitable[Response]) -> Response | None:
+    """`work`'s response, or None if the client hangs up first.
+
+    Cancelling `work` then closes its upstream connections, which is how vLLM learns to stop
+    generating for nobody (it aborts a request whose client is gone). A stream's own hang-up is
+    watched by Starlette's StreamingResponse once the stream has started.
+    """
+    task = asyncio.current_task()
+    client_left = False
+
+    async def watch():
+        nonlocal client_left
+        while (await receive())["type"] != "http.disconnect":  # the body is read: only a hang-up can come
+            pass
+        client_left = True
+        task.cancel()
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        return await work
+    except asyncio.CancelledError:
+        if not client_left:
+            raise
+        task.uncancel()
+        return None
+    finally:
+        watcher.cancel()
+
+
 class GenerationRoutes:
     """ASGI middleware: POST `path` -> handlers[path]; any other request goes on to the app."""
 
@@ -45,12 +75,14 @@ class GenerationRoutes:
             response = error.response()
         except Exception:  # noqa: BLE001 — a bug is a 500 for the client, its traceback goes to the log
             response = unexpected_error_response(scope["method"], scope["path"])
-        await response(scope, receive, send)
+        if response is not None:
+            await response(scope, receive, send)
 
     @staticmethod
-    async def _answer(handler: Handler, scope, receive) -> Response:
+    async def _answer(handler: Handler, scope, receive) -> Response | None:
         if scope["method"] != "POST":
             raise GatewayError(405, f"{scope['path']} takes POST", code="method_not_allowed", headers={"Allow": "POST"})
         state = scope["app"].state  # Starlette puts the app in the scope before any middleware runs
         check_api_key(header(scope, b"authorization"), state.api_key)
-        return await handler(state, scope, await read_body(receive))
+        body = await read_body(receive)
+        return await unless_client_leaves(receive, handler(state, scope, body))

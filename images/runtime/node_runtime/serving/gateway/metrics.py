@@ -29,6 +29,8 @@ class RequestMetricsMiddleware:
     """Plain ASGI middleware: counts a request once its response is fully sent (streams included).
 
     Handlers name the model they routed to in request.state.model; /health and /metrics are left out.
+    A request answered by nobody is counted with status 499 (nginx's "client closed request"): the
+    gateway answers every error, so only a client that hung up first leaves one unanswered.
     """
 
     def __init__(self, app):
@@ -39,7 +41,7 @@ class RequestMetricsMiddleware:
             await self.app(scope, receive, send)
             return
         endpoint = scope["path"]
-        status = 500
+        status = None
 
         async def send_and_note_status(message):
             nonlocal status
@@ -52,9 +54,12 @@ class RequestMetricsMiddleware:
         started = time.perf_counter()
         try:
             await self.app(scope, receive, send_and_note_status)
+        except Exception:
+            status = status or 500  # Starlette's outermost layer answers it, past this middleware
+            raise
         finally:
             in_flight.dec()
-            latency, requests = _series(endpoint, scope.get("state", {}).get("model", NO_MODEL), status)
+            latency, requests = _series(endpoint, scope.get("state", {}).get("model", NO_MODEL), status or 499)
             latency.observe(time.perf_counter() - started)
             requests.inc()
 
