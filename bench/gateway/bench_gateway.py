@@ -21,7 +21,9 @@ Every measurement alternates the paths so that drift on the shared machine hits 
   2. throughput with concurrent clients for a fixed time, direct and gateway back to back (order
      swapped each round), for two workloads: /v1/completions of 1 token (the gateway's cost at its most visible) and the
      guide's own request to /generate (`{"prompt": "Hello, I am a", "max_tokens": 50}`, greedy so that
-     both paths generate the same tokens): the gateway/direct ratio per round, and its median;
+     both paths ask for the same tokens): the gateway/direct ratio per round, and its median, of
+     requests/s and of completion tokens/s (which counts what vLLM generated, should the two paths'
+     answers differ in length);
   3. the gateway process's CPU time per request it served;
   4. /batch_generate of B prompts vs a sequential loop of /generate (real vLLM, shared placement).
 
@@ -99,6 +101,7 @@ def pin(pid: int, cores: list[int], *, with_children: bool = True) -> None:
 class Measures:
     latency: dict = field(default_factory=lambda: defaultdict(lambda: {"direct": [], "gateway": []}))  # label -> seconds
     rps: dict = field(default_factory=lambda: defaultdict(lambda: {"direct": [], "gateway": []}))  # label -> req/s per round
+    tps: dict = field(default_factory=lambda: defaultdict(lambda: {"direct": [], "gateway": []}))  # label -> tokens/s per round
     gateway_requests: int = 0
     gateway_cpu_s: float = 0.0
 
@@ -114,11 +117,13 @@ class Upstream:
     measures: dict = field(default_factory=lambda: defaultdict(Measures))  # placement -> Measures
 
 
-async def post(session: aiohttp.ClientSession, url: str, body: bytes) -> None:
+async def post(session: aiohttp.ClientSession, url: str, body: bytes) -> int:
+    """The completion tokens the answer reports."""
     async with session.post(url, data=body, headers=JSON) as response:
-        await response.read()
+        content = await response.read()
         if response.status != 200:
             raise RuntimeError(f"{url} answered {response.status}")
+    return json.loads(content)["usage"]["completion_tokens"]
 
 
 async def latency_round(upstream: Upstream, measures: Measures, count: int, warmup: int) -> None:
@@ -138,21 +143,22 @@ async def latency_round(upstream: Upstream, measures: Measures, count: int, warm
     measures.gateway_cpu_s += cpu_seconds(upstream.gateway_pid) - cpu_before
 
 
-async def requests_per_second(url: str, body: bytes, seconds: float, concurrency: int) -> tuple[float, int]:
-    """(completed requests per second over `seconds`, requests sent in all, warm-up included)."""
+async def requests_per_second(url: str, body: bytes, seconds: float, concurrency: int) -> tuple[float, float, int]:
+    """(completed requests per second, completion tokens per second, requests sent in all, warm-up included)."""
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as session:
         await asyncio.gather(*(post(session, url, body) for _ in range(concurrency)))
-        done = 0
+        done = tokens = 0
 
         async def worker(deadline: float):
-            nonlocal done
+            nonlocal done, tokens
             while time.perf_counter() < deadline:
-                await post(session, url, body)
+                tokens += await post(session, url, body)
                 done += 1
 
         started = time.perf_counter()
         await asyncio.gather(*(worker(started + seconds) for _ in range(concurrency)))
-        return done / (time.perf_counter() - started), done + concurrency
+        elapsed = time.perf_counter() - started
+        return done / elapsed, tokens / elapsed, done + concurrency
 
 
 def throughput_round(upstream: Upstream, measures: Measures, seconds: float, concurrency: int, swap: bool) -> None:
@@ -161,8 +167,9 @@ def throughput_round(upstream: Upstream, measures: Measures, seconds: float, con
             url, body = ((upstream.gateway + gateway_path, gateway_body) if path == "gateway"
                          else (upstream.direct + direct_path, direct_body))
             cpu_before = cpu_seconds(upstream.gateway_pid)
-            rps, sent = asyncio.run(requests_per_second(url, json.dumps(body).encode(), seconds, concurrency))
+            rps, tps, sent = asyncio.run(requests_per_second(url, json.dumps(body).encode(), seconds, concurrency))
             measures.rps[label][path].append(rps)
+            measures.tps[label][path].append(tps)
             if path == "gateway":
                 measures.gateway_cpu_s += cpu_seconds(upstream.gateway_pid) - cpu_before
                 measures.gateway_requests += sent
@@ -231,10 +238,15 @@ def report(upstream: Upstream, placement: str, measures: Measures, args) -> dict
         print(f"        {label:<16} p50 added per round: {[round(x, 3) for x in per_round]}")
     for label, rps in measures.rps.items():
         ratios = [g / d for d, g in zip(rps["direct"], rps["gateway"])]
-        headline[f"throughput ratio, {label}"] = statistics.median(ratios)
+        tps = measures.tps[label]
+        token_ratios = [g / d for d, g in zip(tps["direct"], tps["gateway"])]
+        headline[f"req/s ratio, {label}"] = statistics.median(ratios)
+        headline[f"tokens/s ratio, {label}"] = statistics.median(token_ratios)
         print(f"throughput {label}, {args.concurrency} clients, {args.seconds:g} s per path per round:"
               f" gateway/direct median {statistics.median(ratios):.3f}, per round {[round(r, 3) for r in ratios]}")
         print(f"        req/s direct {[round(r, 1) for r in rps['direct']]}, gateway {[round(r, 1) for r in rps['gateway']]}")
+        print(f"        tokens/s gateway/direct median {statistics.median(token_ratios):.3f},"
+              f" per round {[round(r, 3) for r in token_ratios]}")
     cpu_us = measures.gateway_cpu_s / measures.gateway_requests * 1e6
     headline["gateway CPU us/request"] = cpu_us
     print(f"gateway CPU time per request served: {cpu_us:.0f} us ({measures.gateway_requests} requests)")
