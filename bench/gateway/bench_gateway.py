@@ -118,11 +118,13 @@ class Upstream:
 
 
 async def post(session: aiohttp.ClientSession, url: str, body: bytes) -> int:
-    """The completion tokens the answer reports."""
+    """The completion tokens a JSON answer reports (0 for a stream)."""
     async with session.post(url, data=body, headers=JSON) as response:
         content = await response.read()
         if response.status != 200:
             raise RuntimeError(f"{url} answered {response.status}")
+        if response.content_type != "application/json":
+            return 0
     return json.loads(content)["usage"]["completion_tokens"]
 
 

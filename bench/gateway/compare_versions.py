@@ -1,0 +1,100 @@
+"""Two versions of the gateway side by side in one run: a git ref's and the working tree's.
+
+Both gateways stand in front of the same fixed-answer upstream (fixed_upstream.py); requests go one
+at a time to direct, old and new in rotation, so drift on a shared machine hits all three alike.
+Prints, per endpoint, the p50/p99 each gateway adds to the direct call and its CPU time per request.
+The old version runs from a `git archive` of the ref put first on PYTHONPATH.
+
+Run: .venv/bin/python bench/gateway/compare_versions.py [--old HEAD] [--requests 1500]
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_gateway import (  # noqa: E402
+    COMPLETION, GENERATE, ROOT, cpu_seconds, gateway_in_front, percentile, post, start_fixed_upstream,
+)
+
+# (label, gateway path, body): the direct counterpart is always the same /v1/completions request.
+ENDPOINTS = [
+    ("/v1/completions", "/v1/completions", COMPLETION),
+    ("/generate", "/generate", GENERATE),
+    ("/v1/completions stream", "/v1/completions", {**COMPLETION, "stream": True}),
+]
+
+
+def archive(ref: str, into: Path) -> Path:
+    """The runtime package as it is at `ref`."""
+    tar = subprocess.run(["git", "-C", str(ROOT), "archive", ref, "images/runtime"], check=True, capture_output=True).stdout
+    into.mkdir(parents=True)
+    subprocess.run(["tar", "-x", "-C", str(into)], input=tar, check=True)
+    return into / "images" / "runtime"
+
+
+async def rotate(direct: str, gateways: dict[str, tuple[str, int]], count: int, warmup: int) -> None:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as session:
+        for label, path, body in ENDPOINTS:
+            direct_body = json.dumps({**COMPLETION, "stream": body.get("stream", False)}).encode()
+            gateway_body = json.dumps(body).encode()
+            targets = {"direct": (direct + "/v1/completions", direct_body),
+                       **{name: (url + path, gateway_body) for name, (url, _) in gateways.items()}}
+            order = list(targets)
+            times = {name: [] for name in order}
+            cpu_before = {name: cpu_seconds(pid) for name, (_, pid) in gateways.items()}
+            for i in range(warmup + count):
+                for name in order[i % len(order):] + order[:i % len(order)]:
+                    started = time.perf_counter()
+                    await post(session, *targets[name])
+                    if i >= warmup:
+                        times[name].append(time.perf_counter() - started)
+            direct_p = {q: percentile(times["direct"], q) for q in (50, 99)}
+            cells = [
+                f"{name}: added p50 {(percentile(times[name], 50) - direct_p[50]) * 1e3:.3f} ms,"
+                f" p99 {(percentile(times[name], 99) - direct_p[99]) * 1e3:.3f} ms,"
+                f" CPU {(cpu_seconds(pid) - cpu_before[name]) / (warmup + count) * 1e6:.0f} us/request"
+                for name, (_, pid) in gateways.items()
+            ]
+            print(f"{label:<24} direct p50 {direct_p[50] * 1e3:.3f} ms | " + " | ".join(cells))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--old", default="HEAD", help="git ref of the old version")
+    parser.add_argument("--requests", type=int, default=1500, help="requests per path and endpoint")
+    parser.add_argument("--warmup", type=int, default=100)
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="nrc-"))
+    started = []
+    try:
+        fixed, fixed_url = start_fixed_upstream(work)
+        started.append(fixed)
+        gateways = {}
+        for name, package in ((f"old ({args.old})", archive(args.old, work / "old")), ("new (working tree)", None)):
+            os.environ.pop("PYTHONPATH", None)
+            if package:
+                os.environ["PYTHONPATH"] = str(package)
+            gateway, url = gateway_in_front(fixed_url, "127.0.0.1:1", work, 64)  # Ray is never asked here
+            started.append(gateway)
+            gateways[name] = (url, gateway.proc.pid)
+        os.environ.pop("PYTHONPATH", None)
+        asyncio.run(rotate(fixed_url, gateways, args.requests, args.warmup))
+    finally:
+        for process in reversed(started):
+            process.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
