@@ -128,19 +128,30 @@ async def post(session: aiohttp.ClientSession, url: str, body: bytes) -> int:
     return json.loads(content)["usage"]["completion_tokens"]
 
 
+async def timed_in_rotation(session: aiohttp.ClientSession, targets: dict[str, tuple[str, bytes]],
+                            count: int, warmup: int) -> dict[str, list[float]]:
+    """Seconds per request for each (url, body) target, asked one at a time in rotation (A/B, B/A, ...
+    or A/B/C, B/C/A, ...) so that drift on a shared machine hits all alike; warm-up rounds not kept."""
+    order = list(targets)
+    times: dict[str, list[float]] = {name: [] for name in order}
+    for i in range(warmup + count):
+        shift = i % len(order)
+        for name in order[shift:] + order[:shift]:
+            started = time.perf_counter()
+            await post(session, *targets[name])
+            if i >= warmup:
+                times[name].append(time.perf_counter() - started)
+    return times
+
+
 async def latency_round(upstream: Upstream, measures: Measures, count: int, warmup: int) -> None:
     cpu_before = cpu_seconds(upstream.gateway_pid)
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as session:
         for label, (gateway_path, gateway_body), (direct_path, direct_body) in LATENCY:
-            urls = {"gateway": (upstream.gateway + gateway_path, json.dumps(gateway_body).encode()),
-                    "direct": (upstream.direct + direct_path, json.dumps(direct_body).encode())}
-            times = measures.latency[label]
-            for i in range(warmup + count):
-                for path in (("direct", "gateway") if i % 2 else ("gateway", "direct")):
-                    started = time.perf_counter()
-                    await post(session, *urls[path])
-                    if i >= warmup:
-                        times[path].append(time.perf_counter() - started)
+            targets = {"gateway": (upstream.gateway + gateway_path, json.dumps(gateway_body).encode()),
+                       "direct": (upstream.direct + direct_path, json.dumps(direct_body).encode())}
+            for path, seconds in (await timed_in_rotation(session, targets, count, warmup)).items():
+                measures.latency[label][path] += seconds
             measures.gateway_requests += warmup + count
     measures.gateway_cpu_s += cpu_seconds(upstream.gateway_pid) - cpu_before
 

@@ -16,14 +16,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_gateway import (  # noqa: E402
-    COMPLETION, GENERATE, ROOT, cpu_seconds, gateway_in_front, percentile, post, start_fixed_upstream,
+    COMPLETION, GENERATE, ROOT, cpu_seconds, gateway_in_front, percentile, start_fixed_upstream, timed_in_rotation,
 )
 
 # (label, gateway path, body): the direct counterpart is always the same /v1/completions request.
@@ -49,15 +48,8 @@ async def rotate(direct: str, gateways: dict[str, tuple[str, int]], count: int, 
             gateway_body = json.dumps(body).encode()
             targets = {"direct": (direct + "/v1/completions", direct_body),
                        **{name: (url + path, gateway_body) for name, (url, _) in gateways.items()}}
-            order = list(targets)
-            times = {name: [] for name in order}
             cpu_before = {name: cpu_seconds(pid) for name, (_, pid) in gateways.items()}
-            for i in range(warmup + count):
-                for name in order[i % len(order):] + order[:i % len(order)]:
-                    started = time.perf_counter()
-                    await post(session, *targets[name])
-                    if i >= warmup:
-                        times[name].append(time.perf_counter() - started)
+            times = await timed_in_rotation(session, targets, count, warmup)
             direct_p = {q: percentile(times["direct"], q) for q in (50, 99)}
             cells = [
                 f"{name}: added p50 {(percentile(times[name], 50) - direct_p[50]) * 1e3:.3f} ms,"

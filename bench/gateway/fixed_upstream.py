@@ -18,6 +18,8 @@ import time
 
 import uvicorn
 
+from node_runtime.serving.gateway.generation_routes import read_body
+
 METRICS = b"""# HELP vllm:num_requests_running Number of requests in model execution batches.
 # TYPE vllm:num_requests_running gauge
 vllm:num_requests_running{engine="0"} 0.0
@@ -44,15 +46,6 @@ def sse_events(answer: dict, chat: bool) -> list[bytes]:
         delta.update({"delta": choice["message"]} if chat else {"text": choice["text"]})
         events.append(b"data: " + json.dumps({**answer, "choices": [delta]}).encode() + b"\n\n")
     return events + [b"data: [DONE]\n\n"]
-
-
-async def read_body(receive) -> bytes:
-    chunks, more = [], True
-    while more:
-        message = await receive()
-        chunks.append(message.get("body", b""))
-        more = message.get("more_body", False)
-    return b"".join(chunks)
 
 
 async def app(scope, receive, send):

@@ -13,6 +13,8 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from node_runtime.serving.gateway.generation_routes import read_body
+
 from .processes import ThreadServer, cluster_json, free_ports
 
 RELEASE = threading.Event()
@@ -28,7 +30,7 @@ async def pausing_upstream(scope, receive, send):
     """vLLM's streaming shape; model "held" waits for RELEASE after its first event, "broken" dies there,
     "silent" (streaming or not) answers nothing more and notes when its client, the gateway, hangs up."""
     if scope["type"] == "lifespan":
-        while (message := await receive())["type"] != "lifespan.shutdown":
+        while (await receive())["type"] != "lifespan.shutdown":
             await send({"type": "lifespan.startup.complete"})
         await send({"type": "lifespan.shutdown.complete"})
         return
@@ -36,10 +38,7 @@ async def pausing_upstream(scope, receive, send):
         await send({"type": "http.response.start", "status": 200 if scope["path"] == "/health" else 404, "headers": []})
         await send({"type": "http.response.body", "body": b""})
         return
-    body = b""
-    while (message := await receive()).get("more_body"):
-        body += message["body"]
-    payload = json.loads(body + message.get("body", b""))
+    payload = json.loads(await read_body(receive))
     model = payload["model"]
     if model == "silent" and not payload.get("stream"):
         await note_hang_up(receive)

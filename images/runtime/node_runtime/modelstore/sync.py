@@ -66,6 +66,9 @@ PROGRESS_INTERVAL_S = 0.5
 PLAN_TIMEOUT_S = 600
 
 
+def _describe(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
 
 @dataclass(frozen=True)
 class Node:
@@ -312,7 +315,7 @@ def receive(model_dir: Path, me: str, chain: list[Node], settings: SshSettings, 
         try:
             plan = node_plan(model_dir, manifest, hash_mode)
         except OSError as exc:
-            failure, plan = f"checking its copy failed: {type(exc).__name__}: {exc}", None
+            failure, plan = f"checking its copy failed: {_describe(exc)}", None
             events.emit(node=me, event="result", ok=False, bytes=0, message=failure)
         else:
             events.emit(node=me, event="plan", **plan)
@@ -326,7 +329,7 @@ def receive(model_dir: Path, me: str, chain: list[Node], settings: SshSettings, 
             except ManifestError:
                 pass
             except OSError as exc:
-                failure = f"{type(exc).__name__}: {exc}"
+                failure = _describe(exc)
         last_progress = 0.0
         while True:
             header_line = stream.readline()
@@ -359,7 +362,7 @@ def receive(model_dir: Path, me: str, chain: list[Node], settings: SshSettings, 
                     message="transfer interrupted; run the sync again to resume")
         ok = False
     except (OSError, ManifestError) as exc:
-        events.emit(node=me, event="result", ok=False, bytes=received, message=f"{type(exc).__name__}: {exc}")
+        events.emit(node=me, event="result", ok=False, bytes=received, message=_describe(exc))
         ok = False
     if downstream:
         downstream.finish()
@@ -410,7 +413,7 @@ def _receive_file(model_dir: Path, header: dict, mine: bool, stream: BinaryIO,
                 out.truncate()
                 skip = held - start
         except OSError as exc:
-            error, mine = f"writing {relative} failed: {type(exc).__name__}: {exc}", False
+            error, mine = f"writing {relative} failed: {_describe(exc)}", False
     remaining = size - start
     written = 0
     while remaining:
@@ -429,7 +432,7 @@ def _receive_file(model_dir: Path, header: dict, mine: bool, stream: BinaryIO,
         try:
             out.write(chunk[skip:] if skip else chunk)
         except OSError as exc:
-            error, mine = f"writing {relative} failed: {type(exc).__name__}: {exc}", False
+            error, mine = f"writing {relative} failed: {_describe(exc)}", False
             _close(out)
             out = None
             continue
@@ -442,7 +445,7 @@ def _receive_file(model_dir: Path, header: dict, mine: bool, stream: BinaryIO,
             final.parent.mkdir(parents=True, exist_ok=True)
             os.replace(partial, final)
     except OSError as exc:
-        error = f"writing {relative} failed: {type(exc).__name__}: {exc}"
+        error = f"writing {relative} failed: {_describe(exc)}"
     return written, error
 
 
