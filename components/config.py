@@ -280,6 +280,7 @@ class StackConfig(_Model):
     gloo_socket_ifname: InterfaceName | None = None
     mount_dtk: bool = False
     max_batch_size: int = Field(default=64, ge=1)
+    gateway_workers: int = Field(default=1, ge=1, le=64)
     timeouts: Timeouts = Timeouts()
     models: list[Model] = Field(min_length=1)
 

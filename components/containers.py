@@ -167,6 +167,7 @@ def gateway_config(config: StackConfig) -> dict[str, Any]:
         "cluster": cluster_readiness(config),
         "max_batch_size": config.max_batch_size,
         "request_timeout_s": config.timeouts.server_ready,
+        "workers": config.gateway_workers,
     }
 
 

@@ -224,11 +224,12 @@ def start_fixed_upstream(work: Path, delay_ms: float = 0) -> tuple[Process, str]
     return server, url
 
 
-def gateway_in_front(upstream_url: str, ray_address: str, work: Path, max_batch: int) -> tuple[Process, str]:
+def gateway_in_front(upstream_url: str, ray_address: str, work: Path, max_batch: int, workers: int = 1) -> tuple[Process, str]:
     """`node-runtime gateway` exactly as the container runs it (its CLI and its config)."""
     port = free_ports(1)[0]
     config = {"host": "127.0.0.1", "port": port, "servers": [{"name": MODEL, "url": upstream_url}],
-              "cluster": cluster_json(ray_address), "max_batch_size": max_batch, "request_timeout_s": 300}
+              "cluster": cluster_json(ray_address), "max_batch_size": max_batch, "request_timeout_s": 300,
+              "workers": workers}
     return start_gateway(config, work, api_key=None), f"http://127.0.0.1:{port}"
 
 

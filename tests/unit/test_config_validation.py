@@ -115,6 +115,7 @@ BAD_CONFIGS = [
     ("timeout-zero", _set("timeouts", {"clusterReady": 0}), "vllm-dcu:timeouts.clusterReady", "greater than or equal"),
     ("min-free-disk-negative", _set("minFreeDiskGb", -5), "vllm-dcu:minFreeDiskGb", "greater than or equal"),
     ("max-batch-zero", _set("maxBatchSize", 0), "vllm-dcu:maxBatchSize", "greater than or equal"),
+    ("gateway-workers-zero", _set("gatewayWorkers", 0), "vllm-dcu:gatewayWorkers", "greater than or equal"),
     ("worker-extra-key", _add_worker(address="10.0.0.14", gpus=8, gpu=8), "vllm-dcu:workers[2].gpu", "spelling"),
 ]
 

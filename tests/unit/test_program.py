@@ -171,7 +171,7 @@ def test_server_spec_and_gateway_config(dev):
     gateway = dev.named("vllm-gateway-container")
     config = json.loads(env_of(gateway)["NODE_RUNTIME_GATEWAY_CONFIG"])
     assert config["servers"] == [{"name": "Llama-3.1-70B-Instruct", "url": "http://127.0.0.1:8100"}]
-    assert config["port"] == 8000
+    assert config["port"] == 8000 and config["workers"] == 4
 
 
 def test_secrets_stay_secret(dev):

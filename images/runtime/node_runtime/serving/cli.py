@@ -59,12 +59,22 @@ def gateway() -> None:
     """Run the HTTP gateway (config from NODE_RUNTIME_GATEWAY_CONFIG, API key from NODE_RUNTIME_API_KEY)."""
     import uvicorn
 
-    from node_runtime.serving.gateway import create_app
+    from node_runtime.serving.gateway.metrics import shared_between_processes
 
     config = spec_from_env(GATEWAY_CONFIG_ENV, GatewayConfig)
-    app = create_app(config, api_key=os.environ.get(API_KEY_ENV))
-    # Per-request access lines would cost more than the gateway itself; /metrics counts requests.
-    uvicorn.run(app, host=config.host, port=config.port, access_log=False, log_level="info")
+    with shared_between_processes(config.workers > 1):
+        # Per-request access lines would cost more than the gateway itself; /metrics counts requests.
+        # Workers are uvicorn's: processes sharing the listening socket, each building the app from the env.
+        uvicorn.run("node_runtime.serving.cli:gateway_app", factory=True, workers=config.workers,
+                    host=config.host, port=config.port, access_log=False, log_level="info",
+                    proxy_headers=False)  # clients' addresses are never used: no X-Forwarded-* to parse
+
+
+def gateway_app():
+    """The gateway's ASGI app, in whichever process uvicorn runs it."""
+    from node_runtime.serving.gateway import create_app
+
+    return create_app(spec_from_env(GATEWAY_CONFIG_ENV, GatewayConfig), api_key=os.environ.get(API_KEY_ENV))
 
 
 cluster_app = typer.Typer(no_args_is_help=True, help="The Ray cluster's readiness.")

@@ -67,6 +67,7 @@ class GatewayConfig(_Strict):
     cluster: ClusterSpec
     max_batch_size: int = Field(64, ge=1)
     request_timeout_s: float = Field(600, gt=0)
+    workers: int = Field(1, ge=1, le=64)
 
     @model_validator(mode="after")
     def _unique_names(self) -> "GatewayConfig":

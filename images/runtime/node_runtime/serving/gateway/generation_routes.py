@@ -1,4 +1,4 @@
-"""The generation endpoints (every POST route) as one plain ASGI layer in front of FastAPI.
+"""The generation endpoints (every POST route) as one plain ASGI layer in front of FastAPI (app.py).
 
 They are the busy routes, and each needs only: the API key, the body, one handler. FastAPI's
 routing, dependency solving, Request object and exception layers cost about 0.1 ms of CPU per
@@ -60,8 +60,9 @@ async def unless_client_leaves(receive, work: Awaitable[Response]) -> Response |
 class GenerationRoutes:
     """ASGI middleware: POST `path` -> handlers[path]; any other request goes on to the app."""
 
-    def __init__(self, app, handlers: dict[str, Handler]):
+    def __init__(self, app, state, handlers: dict[str, Handler]):
         self.app = app
+        self.state = state
         self.handlers = handlers
 
     async def __call__(self, scope, receive, send):
@@ -78,11 +79,9 @@ class GenerationRoutes:
         if response is not None:
             await response(scope, receive, send)
 
-    @staticmethod
-    async def _answer(handler: Handler, scope, receive) -> Response | None:
+    async def _answer(self, handler: Handler, scope, receive) -> Response | None:
         if scope["method"] != "POST":
             raise GatewayError(405, f"{scope['path']} takes POST", code="method_not_allowed", headers={"Allow": "POST"})
-        state = scope["app"].state  # Starlette puts the app in the scope before any middleware runs
-        check_api_key(header(scope, b"authorization"), state.api_key)
+        check_api_key(header(scope, b"authorization"), self.state.api_key)
         body = await read_body(receive)
-        return await unless_client_leaves(receive, handler(state, scope, body))
+        return await unless_client_leaves(receive, handler(self.state, scope, body))

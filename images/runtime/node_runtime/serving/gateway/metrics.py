@@ -1,9 +1,13 @@
 """The gateway's own Prometheus metrics, and the model servers' vllm:* metrics passed through."""
 
 import functools
+import os
+import tempfile
 import time
+from contextlib import contextmanager
+from pathlib import Path
 
-from prometheus_client import REGISTRY, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 from prometheus_client.parser import text_string_to_metric_families
 
 # Bounded labels only: endpoint from this fixed set, model from the configured servers.
@@ -15,7 +19,8 @@ LATENCY = Histogram(
     "gateway_request_duration_seconds", "Time to the last byte of the response", ["endpoint", "model"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
 )
-IN_FLIGHT = Gauge("gateway_requests_in_flight", "Requests being answered", ["endpoint"])
+# livesum: with several workers, the sum over the live ones (ignored with one process).
+IN_FLIGHT = Gauge("gateway_requests_in_flight", "Requests being answered", ["endpoint"], multiprocess_mode="livesum")
 UPSTREAM_ERRORS = Counter("gateway_upstream_errors", "Failed calls to a model server", ["model", "kind"])
 _IN_FLIGHT_BY_ENDPOINT = {endpoint: IN_FLIGHT.labels(endpoint) for endpoint in MEASURED_ENDPOINTS}
 
@@ -55,7 +60,7 @@ class RequestMetricsMiddleware:
         try:
             await self.app(scope, receive, send_and_note_status)
         except Exception:
-            status = status or 500  # Starlette's outermost layer answers it, past this middleware
+            status = status or 500  # the server (uvicorn, or Starlette's outer layer for a GET) answers it
             raise
         finally:
             in_flight.dec()
@@ -90,5 +95,61 @@ def relabel_vllm_metrics(texts: dict[str, str]) -> bytes:
     return generate_latest(_Families(list(merged.values())))
 
 
+# prometheus_client's own switch: set, every process keeps its values in files there, read by whoever serves /metrics.
+MULTIPROCESS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+@contextmanager
+def shared_between_processes(enabled: bool):
+    """With several gateway workers, their metrics in one fresh directory, removed when they are done.
+
+    Set before the workers start (they inherit the environment) and before they import this module:
+    prometheus_client picks its value store at import.
+    """
+    if not enabled:
+        yield
+        return
+    with tempfile.TemporaryDirectory(prefix="gateway-metrics-") as directory:
+        os.environ[MULTIPROCESS_DIR_ENV] = directory
+        try:
+            yield
+        finally:
+            del os.environ[MULTIPROCESS_DIR_ENV]
+
+
+def _process_is_gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, someone else's
+        return False
+    return False
+
+
+@contextmanager
+def counted_worker():
+    """A worker's life in the shared metrics: its in-flight values dropped when it ends (livesum sums
+    live workers only; its counts stay). A worker that crashed could not drop its own: uvicorn starts
+    a new one, which drops them."""
+    directory = os.environ.get(MULTIPROCESS_DIR_ENV)
+    if directory is None:
+        yield
+        return
+    for live_values in Path(directory).glob("gauge_livesum_*.db"):
+        pid = int(live_values.stem.rsplit("_", 1)[1])
+        if _process_is_gone(pid):
+            multiprocess.mark_process_dead(pid)
+    try:
+        yield
+    finally:
+        multiprocess.mark_process_dead(os.getpid())
+
+
 def gateway_metrics() -> bytes:
-    return generate_latest(REGISTRY)
+    """Every worker's metrics summed when there are several; this process's otherwise."""
+    if MULTIPROCESS_DIR_ENV not in os.environ:
+        return generate_latest(REGISTRY)
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)
+    return generate_latest(registry)

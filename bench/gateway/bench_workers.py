@@ -1,0 +1,101 @@
+"""Gateway throughput by number of worker processes (`gatewayWorkers`), side by side in one run.
+
+One fixed-answer upstream (fixed_upstream.py: the gateway's own cost) and one real vLLM (CPU build,
+tiny Llama), each with gateways of every worker count asked for in front; N concurrent clients send
+1-token /v1/completions for a fixed time to direct and to each gateway in rotation (order shifted
+each round). Every process may use every core, so on a small machine the workers, the upstream and
+the load generator compete: this measures what extra workers buy where cores are scarce, and the
+gateway's capacity where the upstream is not the limit.
+
+Run: .venv/bin/python bench/gateway/bench_workers.py [--workers 1 2] [--seconds 5] [--rounds 4] [--concurrency 64]
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_gateway import (  # noqa: E402
+    ALL_CORES, COMPLETION, MODEL, build_tiny_llama, cpu_seconds, free_ports, gateway_in_front, requests_per_second,
+    serve_spec, start_fixed_upstream, start_model_server, start_ray_head,
+)
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU time of a gateway: its supervisor and every worker."""
+    total = cpu_seconds(pid)
+    for child in psutil.Process(pid).children(recursive=True):
+        try:
+            total += cpu_seconds(child.pid)
+        except FileNotFoundError:
+            pass
+    return total
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--seconds", type=float, default=5)
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--concurrency", type=int, default=64)
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="nrw-"))
+    started = []
+    results = {}  # upstream -> path -> (req/s per round, gateway CPU s, requests)
+    body = json.dumps(COMPLETION).encode()
+    try:
+        from node_runtime.modelstore.manifest import write_manifest
+
+        model_dir = build_tiny_llama(work / "models" / MODEL)
+        write_manifest(model_dir, source="local", repo_id=f"bench/{MODEL}", revision="bench")
+        head, ray_address = start_ray_head(work)
+        started.append(head)
+        spec = serve_spec(model_dir, MODEL, free_ports(1)[0], ray_address, max_num_seqs=64)
+        started.append(start_model_server(spec, work))
+        fixed, fixed_url = start_fixed_upstream(work)
+        started.append(fixed)
+        for upstream, url in (("fixed answer", fixed_url), ("real vLLM CPU", f"http://127.0.0.1:{spec['port']}")):
+            paths = {"direct": (url, None)}
+            for workers in args.workers:
+                gateway, gateway_url = gateway_in_front(url, ray_address, work, 64, workers)
+                started.append(gateway)
+                paths[f"{workers} worker{'s' if workers > 1 else ''}"] = (gateway_url, gateway.proc.pid)
+            measured = results[upstream] = {name: ([], 0.0, 0) for name in paths}
+            order = list(paths)
+            for round_number in range(args.rounds):
+                shift = round_number % len(order)
+                for name in order[shift:] + order[:shift]:
+                    target, pid = paths[name]
+                    cpu_before = tree_cpu_seconds(pid) if pid else 0.0
+                    rps, _, sent = asyncio.run(requests_per_second(target + "/v1/completions", body, args.seconds, args.concurrency))
+                    per_round, cpu, requests = measured[name]
+                    per_round.append(rps)
+                    measured[name] = (per_round, cpu + (tree_cpu_seconds(pid) - cpu_before if pid else 0.0), requests + sent)
+    finally:
+        for process in reversed(started):
+            process.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+    print(f"1-token /v1/completions, {args.concurrency} clients, {args.seconds:g} s per path per round, {args.rounds} rounds,"
+          f" cores {ALL_CORES} shared by all; load average at the end {os.getloadavg()[0]:.2f}")
+    for upstream, measured in results.items():
+        print(f"\n== upstream: {upstream}")
+        direct = measured["direct"][0]
+        for name, (per_round, cpu, requests) in measured.items():
+            ratios = [g / d for d, g in zip(direct, per_round)]
+            cpu_note = f", gateway CPU {cpu / requests * 1e6:.0f} us/request" if requests and cpu else ""
+            print(f"{name:>10}: req/s median {statistics.median(per_round):8.1f}, per round {[round(r, 1) for r in per_round]};"
+                  f" vs direct median {statistics.median(ratios):.3f}{cpu_note}")
+
+
+if __name__ == "__main__":
+    main()
