@@ -45,6 +45,7 @@ def stack_config(cluster: DockerCluster, base_image: str) -> dict[str, Any]:
         "minFreeDiskGb": 1,
         "shmSize": "1g",
         "timeouts": {"clusterReady": 300, "serverReady": 600},
+        "gatewayWorkers": 2,  # the multi-process gateway a DCU head runs: its container stops, restarts and serves alike
         "models": [{
             "id": f"local/{MODEL_NAME}", "source": "local", "localPath": MODEL_SOURCE,
             "maxNumSeqs": 4, "maxModelLen": 256, "dtype": "float32", "extraArgs": ["--enforce-eager"],
