@@ -18,18 +18,15 @@ import os
 import re
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_gateway import (  # noqa: E402
-    ALL_CORES, COMPLETION, MODEL, Upstream, answers, build_tiny_llama, free_ports, gateway_in_front, pin, place,
-    requests_per_second, serve_spec, start_model_server, start_ray_head,
+    ALL_CORES, COMPLETION, Process, Upstream, answers, free_ports, gateway_in_front, place, requests_per_second, start_tiny_vllm,
 )
 
 NGINX_CONF = """daemon off; master_process off; worker_processes 1; pid {work}/nginx.pid; error_log {work}/nginx-error.log;
@@ -67,20 +64,17 @@ def engine_iterations(vllm_url: str) -> float:
     return float(match.group(1))
 
 
-def start_nginx(upstream: str, work: Path) -> tuple[subprocess.Popen, str]:
+def start_nginx(upstream: str, work: Path) -> tuple[Process, str]:
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
     if not os.path.exists(nginx):
         sys.exit("nginx is not installed: apt-get install nginx-light")
     port = free_ports(1)[0]
     conf = work / "nginx.conf"
     conf.write_text(NGINX_CONF.format(work=work, upstream=upstream, port=port))
-    process = subprocess.Popen([nginx, "-c", str(conf), "-p", str(work)])
+    process = Process("nginx", [nginx, "-c", str(conf), "-p", str(work)], dict(os.environ), work)
+    process.start()
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 10
-    while not answers(url + "/health"):
-        if time.monotonic() > deadline or process.poll() is not None:
-            sys.exit(f"nginx did not start: {(work / 'nginx-error.log').read_text()}")
-        time.sleep(0.1)
+    process.wait_until(lambda: answers(url + "/health"), 10)
     return process, url
 
 
@@ -94,25 +88,19 @@ def main() -> None:
         parser.error("needs at least 2 cores")
 
     work = Path(tempfile.mkdtemp(prefix="nrq-"))
-    started, nginx = [], None
+    started = []
     body = json.dumps(COMPLETION).encode()
     measured = {}  # path -> {"rps": [...], "iterations": [...], "busy": {core: [...]}}
     try:
-        from node_runtime.modelstore.manifest import write_manifest
-
-        model_dir = build_tiny_llama(work / "models" / MODEL)
-        write_manifest(model_dir, source="local", repo_id=f"bench/{MODEL}", revision="bench")
-        head, ray_address = start_ray_head(work)
-        started.append(head)
-        spec = serve_spec(model_dir, MODEL, free_ports(1)[0], ray_address, max_num_seqs=64)
-        vllm = start_model_server(spec, work)
-        started.append(vllm)
-        vllm_url = f"http://127.0.0.1:{spec['port']}"
-        gateway, gateway_url = gateway_in_front(vllm_url, ray_address, work, 64)
+        vllm = start_tiny_vllm(work, started)
+        vllm_url = vllm.url
+        gateway, gateway_url = gateway_in_front(vllm_url, vllm.ray_address, work, 64)
         started.append(gateway)
-        nginx, nginx_url = start_nginx(f"127.0.0.1:{spec['port']}", work)
-        place("split", [Upstream("vLLM", "vLLM", vllm_url, gateway_url, gateway.proc.pid, [vllm.proc.pid, head.proc.pid])])
-        pin(nginx.pid, ALL_CORES[len(ALL_CORES) // 2:])
+        nginx, nginx_url = start_nginx(vllm_url.removeprefix("http://"), work)
+        started.append(nginx)
+        # The gateway and nginx alike are front processes: pinned beside the load generator.
+        place("split", [Upstream(name, name, vllm_url, url, pid, vllm.engine_pids)
+                        for name, url, pid in (("gateway", gateway_url, gateway.proc.pid), ("nginx", nginx_url, nginx.proc.pid))])
         paths = {"direct": vllm_url, "gateway": gateway_url, "nginx": nginx_url}
         order = list(paths)
         for round_number in range(args.rounds):
@@ -128,9 +116,6 @@ def main() -> None:
                 for core, (busy, total) in busy_after.items():
                     record["busy"].setdefault(core, []).append((busy - busy_before[core][0]) / (total - busy_before[core][1]))
     finally:
-        if nginx:
-            nginx.terminate()
-            nginx.wait()
         for process in reversed(started):
             process.stop()
         shutil.rmtree(work, ignore_errors=True)

@@ -214,6 +214,33 @@ async def batch_vs_loop(gateway: str, batch: int, rounds: int) -> tuple[float, f
     return statistics.median(batch_times), statistics.median(loop_times)
 
 
+@dataclass
+class TinyVllm:
+    head: Process
+    ray_address: str
+    server: Process
+    url: str
+
+    @property
+    def engine_pids(self) -> list[int]:
+        return [self.server.proc.pid, self.head.proc.pid]
+
+
+def start_tiny_vllm(work: Path, started: list[Process]) -> TinyVllm:
+    """A Ray head and a tiny Llama on vLLM's CPU build through `node-runtime serve`, each added to
+    `started` as soon as it runs, for the caller to stop whatever happens next."""
+    from node_runtime.modelstore.manifest import write_manifest
+
+    model_dir = build_tiny_llama(work / "models" / MODEL)
+    write_manifest(model_dir, source="local", repo_id=f"bench/{MODEL}", revision="bench")
+    head, ray_address = start_ray_head(work)
+    started.append(head)
+    spec = serve_spec(model_dir, MODEL, free_ports(1)[0], ray_address, max_num_seqs=64)
+    server = start_model_server(spec, work)
+    started.append(server)
+    return TinyVllm(head, ray_address, server, f"http://127.0.0.1:{spec['port']}")
+
+
 def start_fixed_upstream(work: Path, delay_ms: float = 0) -> tuple[Process, str]:
     port = free_ports(1)[0]
     server = Process(f"fixed-{port}", [sys.executable, str(Path(__file__).with_name("fixed_upstream.py")), str(port), str(delay_ms)],
@@ -291,15 +318,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="nrb-"))
     started: list[Process] = []
     try:
-        from node_runtime.modelstore.manifest import write_manifest
-
-        model_dir = build_tiny_llama(work / "models" / MODEL)
-        write_manifest(model_dir, source="local", repo_id=f"bench/{MODEL}", revision="bench")
-        head, ray_address = start_ray_head(work)
-        started.append(head)
-        spec = serve_spec(model_dir, MODEL, free_ports(1)[0], ray_address, max_num_seqs=64)
-        vllm = start_model_server(spec, work)
-        started.append(vllm)
+        vllm = start_tiny_vllm(work, started)
         fixed, fixed_url = start_fixed_upstream(work)
         delayed, delayed_url = start_fixed_upstream(work, args.delay_ms)
         started += [fixed, delayed]
@@ -307,9 +326,9 @@ def main() -> None:
         for name, short, url, engine in (
             ("fixed answer at once (the gateway's own cost)", "fixed", fixed_url, [fixed.proc.pid]),
             (f"fixed answer after {args.delay_ms:g} ms (an idle gateway's cost)", "delayed", delayed_url, [delayed.proc.pid]),
-            ("real vLLM CPU", "vLLM", f"http://127.0.0.1:{spec['port']}", [vllm.proc.pid, head.proc.pid]),
+            ("real vLLM CPU", "vLLM", vllm.url, vllm.engine_pids),
         ):
-            gateway, gateway_url = gateway_in_front(url, ray_address, work, max(64, args.batch))
+            gateway, gateway_url = gateway_in_front(url, vllm.ray_address, work, max(64, args.batch))
             started.append(gateway)
             upstreams.append(Upstream(name, short, url, gateway_url, gateway.proc.pid, engine))
 

@@ -24,8 +24,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_gateway import (  # noqa: E402
-    ALL_CORES, COMPLETION, MODEL, build_tiny_llama, cpu_seconds, free_ports, gateway_in_front, requests_per_second,
-    serve_spec, start_fixed_upstream, start_model_server, start_ray_head,
+    ALL_CORES, COMPLETION, cpu_seconds, gateway_in_front, requests_per_second, start_fixed_upstream, start_tiny_vllm,
 )
 
 
@@ -53,20 +52,13 @@ def main() -> None:
     results = {}  # upstream -> path -> (req/s per round, gateway CPU s, requests)
     body = json.dumps(COMPLETION).encode()
     try:
-        from node_runtime.modelstore.manifest import write_manifest
-
-        model_dir = build_tiny_llama(work / "models" / MODEL)
-        write_manifest(model_dir, source="local", repo_id=f"bench/{MODEL}", revision="bench")
-        head, ray_address = start_ray_head(work)
-        started.append(head)
-        spec = serve_spec(model_dir, MODEL, free_ports(1)[0], ray_address, max_num_seqs=64)
-        started.append(start_model_server(spec, work))
+        vllm = start_tiny_vllm(work, started)
         fixed, fixed_url = start_fixed_upstream(work)
         started.append(fixed)
-        for upstream, url in (("fixed answer", fixed_url), ("real vLLM CPU", f"http://127.0.0.1:{spec['port']}")):
+        for upstream, url in (("fixed answer", fixed_url), ("real vLLM CPU", vllm.url)):
             paths = {"direct": (url, None)}
             for workers in args.workers:
-                gateway, gateway_url = gateway_in_front(url, ray_address, work, 64, workers)
+                gateway, gateway_url = gateway_in_front(url, vllm.ray_address, work, 64, workers)
                 started.append(gateway)
                 paths[f"{workers} worker{'s' if workers > 1 else ''}"] = (gateway_url, gateway.proc.pid)
             measured = results[upstream] = {name: ([], 0.0, 0) for name in paths}

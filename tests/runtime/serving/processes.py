@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 BIN = Path(sys.executable).parent
 
@@ -180,3 +181,8 @@ def answers(url: str) -> bool:
         return True
     except httpx.HTTPError:
         return False
+
+
+def metric_families(url: str) -> dict:
+    """The Prometheus families a server's /metrics shows, by name."""
+    return {family.name: family for family in text_string_to_metric_families(httpx.get(url + "/metrics", timeout=60).text)}

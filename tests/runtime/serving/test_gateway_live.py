@@ -14,10 +14,9 @@ import httpx
 import openai
 import psutil
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from .conftest import MODEL_NAME
-from .processes import cluster_json, free_ports, start_gateway
+from .processes import cluster_json, free_ports, metric_families, start_gateway
 
 pytestmark = pytest.mark.slow
 
@@ -130,8 +129,7 @@ def test_v1_passes_vllm_answers_through(gateway):
 
 def _vllm_work(model_server) -> tuple[float, float]:
     """(tokens generated so far, requests run to their end so far) by the model server, from its own /metrics."""
-    families = {family.name: family for family in text_string_to_metric_families(
-        httpx.get(model_server.url + "/metrics", timeout=30).text)}
+    families = metric_families(model_server.url)
     tokens = sum(sample.value for sample in families["vllm:generation_tokens"].samples if sample.name.endswith("_total"))
     # An aborted request may be counted here too, with finished_reason "abort", depending on when the abort lands.
     finished = sum(sample.value for sample in families["vllm:request_success"].samples
@@ -184,8 +182,7 @@ def test_status_and_health(gateway):
 
 def test_metrics(gateway):
     assert _post(gateway, "/generate", {"prompt": "metrics", "max_tokens": 2}).status_code == 200
-    text = httpx.get(gateway.url + "/metrics", timeout=60).text
-    families = {family.name: family for family in text_string_to_metric_families(text)}
+    families = metric_families(gateway.url)
     requests = families["gateway_requests"].samples
     assert any(s.labels == {"endpoint": "/generate", "model": MODEL_NAME, "status": "200"} and s.value >= 1
                for s in requests if s.name == "gateway_requests_total")
@@ -213,8 +210,7 @@ def _workers(gateway_pid: int) -> list[psutil.Process]:
 
 
 def _metric(url: str, family: str, endpoint: str) -> list[float]:
-    families = {f.name: f for f in text_string_to_metric_families(httpx.get(url + "/metrics", timeout=30).text)}
-    return [sample.value for sample in families[family].samples
+    return [sample.value for sample in metric_families(url)[family].samples
             if sample.labels["endpoint"] == endpoint and not sample.name.endswith("_created")]
 
 

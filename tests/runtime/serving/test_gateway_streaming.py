@@ -11,11 +11,10 @@ import threading
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from node_runtime.serving.gateway.generation_routes import read_body
 
-from .processes import ThreadServer, cluster_json, free_ports
+from .processes import ThreadServer, cluster_json, free_ports, metric_families
 
 RELEASE = threading.Event()
 HUNG_UP = threading.Event()
@@ -108,8 +107,7 @@ def test_a_stream_cut_upstream_is_cut_for_the_client(stream_gateway):
                           json={"model": "broken", "prompt": "x", "stream": True}, timeout=30) as response:
             assert response.status_code == 200
             b"".join(response.iter_raw())
-    families = text_string_to_metric_families(httpx.get(stream_gateway + "/metrics", timeout=30).text)
-    errors = next(family for family in families if family.name == "gateway_upstream_errors")
+    errors = metric_families(stream_gateway)["gateway_upstream_errors"]
     assert any(sample.labels == {"model": "broken", "kind": "stream_broken"} and sample.value >= 1
                for sample in errors.samples)
 
@@ -126,8 +124,7 @@ def test_a_client_that_hangs_up_is_hung_up_on_upstream(stream_gateway, path, bod
         httpx.post(stream_gateway + path, json=body, timeout=httpx.Timeout(30, read=0.5))
     # Well before the gateway's own 30 s request timeout would close the upstream connection anyway.
     assert HUNG_UP.wait(10), "the model server never saw the gateway hang up"
-    families = text_string_to_metric_families(httpx.get(stream_gateway + "/metrics", timeout=30).text)
-    requests = next(family for family in families if family.name == "gateway_requests")
+    requests = metric_families(stream_gateway)["gateway_requests"]
     assert any(sample.labels == {"endpoint": path, "model": "silent", "status": "499"} and sample.value >= 1
                for sample in requests.samples)
 
