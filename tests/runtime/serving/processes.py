@@ -83,7 +83,10 @@ def start_ray_head(work: Path) -> tuple[Process, str]:
     """A one-node Ray head with every port of its own; returns (process, GCS address)."""
     gcs, node_manager, object_manager, agent_listen, agent_grpc, metrics, runtime_env, client = free_ports(8)
     temp_dir = work / "ray"  # Ray's socket paths must stay short: keep `work` shallow
-    worker_low = 20000 + (os.getpid() % 200) * 100
+    # free_ports() draws from the kernel's ephemeral range: the worker ports (100, one range per test
+    # run, picked by pid) stay below it, or Ray refuses a range holding another of its ports.
+    ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    worker_low = 20000 + os.getpid() % ((ephemeral_low - 20000) // 100) * 100
     argv = [
         str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
         f"--node-manager-port={node_manager}", f"--object-manager-port={object_manager}",
