@@ -10,10 +10,13 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
 BIN = Path(sys.executable).parent
@@ -189,3 +192,55 @@ def answers(url: str) -> bool:
 def metric_families(url: str) -> dict:
     """The Prometheus families a server's /metrics shows, by name."""
     return {family.name: family for family in text_string_to_metric_families(httpx.get(url + "/metrics", timeout=60).text)}
+
+
+def metric_values(url: str, family: str, endpoint: str) -> list[float]:
+    """The values of one family's series for one endpoint (its `_created` timestamps left out)."""
+    return [sample.value for sample in metric_families(url)[family].samples
+            if sample.labels["endpoint"] == endpoint and not sample.name.endswith("_created")]
+
+
+def gateway_workers(gateway_pid: int) -> list[psutil.Process]:
+    """A gateway's live uvicorn workers (not its multiprocessing resource tracker, nor a dead worker)."""
+    workers = []
+    for child in psutil.Process(gateway_pid).children():
+        try:
+            if "spawn_main" in " ".join(child.cmdline()):
+                workers.append(child)
+        except (psutil.ZombieProcess, psutil.NoSuchProcess):
+            pass
+    return workers
+
+
+@contextmanager
+def paused(worker: psutil.Process):
+    """The other workers accept every new connection meanwhile (keep it well within uvicorn's 5 s health check)."""
+    os.kill(worker.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(worker.pid, signal.SIGCONT)
+
+
+def _metrics_dirs() -> set[Path]:
+    return set(Path(tempfile.gettempdir()).glob("gateway-metrics-*"))
+
+
+@contextmanager
+def gateway_with_two_workers(servers: list[dict], ray_address: str, work: Path):
+    """`node-runtime gateway` with `workers: 2`, as the container runs it: (its url, its pid).
+
+    Its log's tail is printed when it stops (pytest shows it for a failed test); once stopped, its
+    workers' metrics directory must be gone.
+    """
+    dirs_before = _metrics_dirs()
+    port = free_ports(1)[0]
+    config = {"host": "127.0.0.1", "port": port, "servers": servers, "cluster": cluster_json(ray_address), "workers": 2}
+    process = start_gateway(config, work, api_key=None)
+    try:
+        assert len(gateway_workers(process.proc.pid)) == 2
+        yield f"http://127.0.0.1:{port}", process.proc.pid
+    finally:
+        process.stop()
+        print(f"gateway log:\n{process.tail(60)}")
+    assert _metrics_dirs() == dirs_before, "the workers' metrics directory outlived the gateway"

@@ -8,17 +8,21 @@ it sends one SSE event, then holds the rest until the test has seen that event t
 import asyncio
 import json
 import threading
+import time
 
 import httpx
 import pytest
 
 from node_runtime.serving.gateway.generation_routes import read_body
 
-from .processes import ThreadServer, cluster_json, free_ports, metric_families
+from .processes import (
+    ThreadServer, cluster_json, free_ports, gateway_with_two_workers, gateway_workers, metric_families, metric_values, paused,
+)
 
 RELEASE = threading.Event()
 HUNG_UP = threading.Event()
 HOLD_S = 5.0
+NEVER_PROBED = "127.0.0.1:1"  # a Ray address: no /health is asked of these gateways
 
 
 def sse(payload: str) -> bytes:
@@ -63,21 +67,26 @@ async def note_hang_up(receive):
 
 
 @pytest.fixture(scope="module")
-def stream_gateway():
+def shaped_upstream():
+    upstream = ThreadServer(pausing_upstream, free_ports(1)[0], "/health")
+    yield upstream.url
+    upstream.stop()
+
+
+@pytest.fixture(scope="module")
+def stream_gateway(shaped_upstream):
     from node_runtime.serving.gateway import create_app
     from node_runtime.serving.spec import GatewayConfig
 
-    upstream_port, gateway_port = free_ports(2)
-    upstream = ThreadServer(pausing_upstream, upstream_port, "/health")
+    gateway_port = free_ports(1)[0]
     config = GatewayConfig.model_validate({
         "host": "127.0.0.1", "port": gateway_port, "request_timeout_s": 30,
-        "servers": [{"name": name, "url": upstream.url} for name in ("held", "broken", "silent")],
-        "cluster": cluster_json("127.0.0.1:1"),  # never probed: no /health asked here
+        "servers": [{"name": name, "url": shaped_upstream} for name in ("held", "broken", "silent")],
+        "cluster": cluster_json(NEVER_PROBED),
     })
     gateway = ThreadServer(create_app(config), gateway_port, "/v1/models")
     yield gateway.url
     gateway.stop()
-    upstream.stop()
 
 
 @pytest.mark.parametrize("path, body", [
@@ -135,3 +144,28 @@ def test_a_client_that_leaves_a_stream_is_hung_up_on_upstream(stream_gateway):
                       json={"model": "silent", "prompt": "x", "stream": True}, timeout=30) as response:
         assert next(response.iter_raw()) == sse('{"choices": [{"text": "first"}]}')
     assert HUNG_UP.wait(10), "the model server never saw the gateway hang up"
+
+
+def test_a_killed_worker_is_replaced_and_its_request_no_longer_in_flight(shaped_upstream, work_dir):
+    """`workers: 2`, one killed mid-stream: uvicorn starts another, which drops the dead one's in-flight count."""
+    servers = [{"name": "silent", "url": shaped_upstream}]
+    with gateway_with_two_workers(servers, NEVER_PROBED, work_dir) as (url, pid), httpx.Client(timeout=30) as client:
+        doomed, other = gateway_workers(pid)
+        HUNG_UP.clear()
+        request = client.build_request("POST", url + "/v1/completions", json={"model": "silent", "prompt": "x", "stream": True})
+        with paused(other):
+            response = client.send(request, stream=True)  # so `doomed` accepts it
+        chunks = response.iter_raw()  # kept: an unreferenced iterator, once collected, closes the connection
+        assert next(chunks) == sse('{"choices": [{"text": "first"}]}')  # the upstream holds the rest
+        assert metric_values(url, "gateway_requests_in_flight", "/v1/completions") == [1]
+        doomed.kill()
+        with pytest.raises(httpx.HTTPError):  # the stream is cut, not ended
+            b"".join(chunks)
+        assert HUNG_UP.wait(10), "the killed worker's upstream request was left open"
+        deadline = time.monotonic() + 60
+        while doomed.pid in [worker.pid for worker in gateway_workers(pid)] or len(gateway_workers(pid)) < 2:
+            assert time.monotonic() < deadline, "uvicorn did not replace the killed worker"
+            time.sleep(0.2)
+        while metric_values(url, "gateway_requests_in_flight", "/v1/completions") != [0]:
+            assert time.monotonic() < deadline, "the killed worker's request still counts as in flight"
+            time.sleep(0.2)
