@@ -1,44 +1,31 @@
 """`node-runtime model`: download, verify, distribute, list and remove models under the model root.
 
-Exit codes: 0 ok, 1 a failed check or operation (one line saying what to do), 2 bad usage.
-Tracebacks only with NODE_RUNTIME_DEBUG=1. Tokens only from the environment: HF_TOKEN
-(HF_ENDPOINT selects a mirror), MODELSCOPE_API_TOKEN.
+Exit codes: 0 ok, 1 a failed check or operation (one line saying what to do), 2 bad usage
+(node_runtime/errors.py). Tokens only from the environment: HF_TOKEN (HF_ENDPOINT selects a
+mirror), MODELSCOPE_API_TOKEN.
 """
 
 from __future__ import annotations
 
 import enum
-import functools
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from node_runtime.modelstore.download import (
-    STAGING_DIR,
-    DownloadRequest,
-    ModelStoreError,
-    download as run_download,
-    human_size,
-)
-from node_runtime.modelstore.manifest import MANIFEST_NAME, ManifestError, read_manifest, verify_against, verify_manifest
-from node_runtime.modelstore.sync import (
-    PARTIAL_DIR,
-    EventWriter,
-    Node,
-    SshSettings,
-    SyncProgress,
-    print_results,
-    receive,
-    relay_agent,
-    sync as run_sync,
-)
+from node_runtime.errors import exits_cleanly
+from node_runtime.modelstore.download import DownloadRequest, download as run_download
+from node_runtime.modelstore.manifest import verify_manifest
+from node_runtime.modelstore.store import ModelStoreError, human_size, list_models, remove_model
+from node_runtime.modelstore.sync.receiver import receive
+from node_runtime.modelstore.sync.sender import SyncProgress, sync as run_sync
+from node_runtime.modelstore.sync.transport import EventWriter, Node, SshSettings, relay_agent
 
 app = typer.Typer(no_args_is_help=True, help=__doc__, add_completion=False)
+fails_cleanly = exits_cleanly(on_interrupt="interrupted; run the same command again to resume")
 
 
 class Source(str, enum.Enum):
@@ -58,25 +45,6 @@ ModelRootOpt = Annotated[Path, typer.Option("--model-root", help="Directory hold
 HashOpt = Annotated[HashMode, typer.Option("--hash", help="Content check besides sizes: none, sample (a few MiB per file) or full.")]
 RemoteExecOpt = Annotated[str, typer.Option("--remote-exec", help="Prefix that runs node-runtime on a node, e.g. 'docker run --rm -i -v /models:/models IMAGE'; empty: node-runtime on the node's PATH.")]
 SshConfigOpt = Annotated[Optional[Path], typer.Option("--ssh-config", help="ssh_config file (ssh -F) used for every hop; it must exist at that path on the nodes too.")]
-
-
-def fails_cleanly(command):
-    """Known errors as one line and exit 1; the traceback only with NODE_RUNTIME_DEBUG=1."""
-
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        try:
-            return command(*args, **kwargs)
-        except (ModelStoreError, ManifestError) as exc:
-            if os.environ.get("NODE_RUNTIME_DEBUG") == "1":
-                raise
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(1) from None
-        except KeyboardInterrupt:
-            typer.echo("error: interrupted; run the same command again to resume", err=True)
-            raise typer.Exit(1) from None
-
-    return wrapper
 
 
 @app.command()
@@ -148,53 +116,28 @@ def sync(
         )
         settings = SshSettings(remote_exec=remote_exec, ssh_config=ssh_config, agent_socket=agent_socket)
         results = run_sync(model_dir, nodes, settings, hash.value, hooks)
-    print_results(results)
+    for result in results:
+        typer.echo(str(result))
     failed = [r.node for r in results if not r.ok]
     if failed:
         raise ModelStoreError(f"sync of {model_dir} failed on {', '.join(failed)}; fix them and run the sync again (it resumes)")
 
-
-def _dir_size(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-
-
-def list_models(model_root: Path) -> list[dict]:
-    rows = []
-    candidates = [(p, False) for p in sorted(model_root.iterdir()) if p.is_dir() and not p.name.startswith(".")]
-    staging = model_root / STAGING_DIR
-    if staging.is_dir():
-        candidates += [(p, True) for p in sorted(staging.iterdir()) if p.is_dir()]
-    for path, in_staging in candidates:
-        row = {"name": path.name, "path": str(path), "id": None, "source": None, "revision": None,
-               "size": None, "complete": False, "status": "downloading (incomplete)" if in_staging else "no manifest (incomplete)"}
-        try:
-            manifest = read_manifest(path)
-        except ManifestError:
-            row["size"] = _dir_size(path)
-        else:
-            report = verify_against(path, manifest, "none")
-            row.update(id=manifest.repo_id, source=manifest.source, revision=manifest.revision, size=manifest.total_size,
-                       complete=report.ok, status="complete" if report.ok else f"damaged: {report.problems[0]}")
-        rows.append(row)
-    return rows
 
 
 @app.command("list")
 @fails_cleanly
 def list_command(model_root: ModelRootOpt, as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False) -> None:
     """List the models under MODEL_ROOT: id, source, revision, size, complete or not."""
-    if not model_root.is_dir():
-        raise ModelStoreError(f"model root {model_root} does not exist")
     rows = list_models(model_root)
     if as_json:
-        typer.echo(json.dumps(rows, indent=1))
+        typer.echo(json.dumps([r.model_dump() for r in rows], indent=1))
         return
     from rich.console import Console
     from rich.table import Table
 
     table = Table("name", "id", "source", "revision", "size", "status", box=None)
     for r in rows:
-        table.add_row(r["name"], r["id"] or "-", r["source"] or "-", (r["revision"] or "-")[:12], human_size(r["size"] or 0), r["status"])
+        table.add_row(r.name, r.id or "-", r.source or "-", (r.revision or "-")[:12], human_size(r.size or 0), r.status)
     Console(width=200).print(table)
 
 
@@ -204,17 +147,7 @@ def remove(model_dir: ModelDirArg, yes: Annotated[bool, typer.Option("--yes", he
     """Delete a model directory — the only command that deletes model files."""
     if not yes:
         raise typer.BadParameter(f"removing {model_dir} deletes its files; pass --yes to confirm", param_hint="--yes")
-    if not model_dir.is_dir():
-        raise ModelStoreError(f"{model_dir} is not a directory")
-    leftover = (model_dir / PARTIAL_DIR).is_dir() or model_dir.parent.name == STAGING_DIR
-    if not (model_dir / MANIFEST_NAME).is_file() and not leftover:
-        raise ModelStoreError(f"{model_dir} is not a model directory (no {MANIFEST_NAME}); refusing to delete it — remove it yourself if you mean to")
-    try:
-        # The manifest goes first: a half-removed directory must not look like a model.
-        (model_dir / MANIFEST_NAME).unlink(missing_ok=True)
-        shutil.rmtree(model_dir)
-    except PermissionError as exc:
-        raise ModelStoreError(f"permission denied removing {exc.filename}") from None
+    remove_model(model_dir)
     typer.echo(f"removed: {model_dir}")
 
 

@@ -20,16 +20,11 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from node_runtime.modelstore.manifest import ManifestError, read_manifest, verify_against, write_manifest
+from node_runtime.modelstore.store import LOCKS_DIR, STAGING_DIR, ModelStoreError, human_size
 
 SOURCES = ("huggingface", "modelscope", "local")
-STAGING_DIR = ".staging"
-LOCKS_DIR = ".locks"
 # Room left free beyond the model itself, for the manifest, filesystem overhead and the OS.
 FREE_DISK_MARGIN = 64 << 20
-
-
-class ModelStoreError(Exception):
-    """A failure with a message that says what happened and what to do."""
 
 
 @dataclass
@@ -62,14 +57,6 @@ def model_dir_name(repo_id: str, name: str | None = None) -> str:
     if not dir_name or "/" in dir_name or dir_name.startswith(".") or dir_name in ("..",):
         raise ModelStoreError(f"invalid model directory name {dir_name!r}: use a plain name without '/' or a leading '.' (--name)")
     return dir_name
-
-
-def human_size(size: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    raise AssertionError("unreachable")
 
 
 def check_free_disk(path: Path, needed: int) -> None:

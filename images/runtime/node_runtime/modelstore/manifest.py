@@ -24,7 +24,6 @@ Two checks besides sizes:
 from __future__ import annotations
 
 import datetime as dt
-import json
 import os
 import tempfile
 from pathlib import Path
@@ -32,6 +31,8 @@ from typing import Literal
 
 import blake3
 from pydantic import BaseModel, ConfigDict, ValidationError
+
+from node_runtime.errors import Failure
 
 MANIFEST_NAME = ".manifest.json"
 MANIFEST_FORMAT = 1
@@ -43,7 +44,7 @@ HashMode = Literal["none", "sample", "full"]
 HASH_MODES: tuple[str, ...] = ("none", "sample", "full")
 
 
-class ManifestError(Exception):
+class ManifestError(Failure):
     """A manifest that is missing or unreadable."""
 
 
@@ -259,6 +260,3 @@ def verify_manifest(model_dir: str | os.PathLike, hash_mode: HashMode = "none") 
         return VerifyReport(model_dir=str(model_dir), hash_mode=hash_mode, problems=[str(exc)])
     return verify_against(Path(model_dir), manifest, hash_mode)
 
-
-def manifest_summary(manifest: Manifest) -> dict:
-    return json.loads(manifest.model_dump_json(exclude={"files"})) | {"files": len(manifest.files), "size": manifest.total_size}

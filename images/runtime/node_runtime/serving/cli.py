@@ -7,52 +7,37 @@ from typing import Annotated, TypeVar
 import typer
 from pydantic import BaseModel, ValidationError
 
+from node_runtime.errors import exits_cleanly, fail
 from node_runtime.serving.cluster import ClusterNotReady, wait_for_cluster
 from node_runtime.serving.launcher import LaunchError, launch
-from node_runtime.serving.layout import LayoutError
 from node_runtime.serving.quantization import QuantizationError
 from node_runtime.serving.spec import ClusterSpec, GatewayConfig, ServeSpec, describe_validation_error
 
 SERVE_SPEC_ENV = "NODE_RUNTIME_SERVE_SPEC"
 GATEWAY_CONFIG_ENV = "NODE_RUNTIME_GATEWAY_CONFIG"
 API_KEY_ENV = "NODE_RUNTIME_API_KEY"
-DEBUG_ENV = "NODE_RUNTIME_DEBUG"
 
-FAILED_CHECKS = (ClusterNotReady, LaunchError, LayoutError, QuantizationError)
+FAILED_CHECKS = (ClusterNotReady, LaunchError, QuantizationError)
 Spec = TypeVar("Spec", bound=BaseModel)
-
-
-def _fail(message: str, code: int) -> typer.Exit:
-    typer.echo(f"error: {message}", err=True)
-    return typer.Exit(code)
-
-
-def _debugging() -> bool:
-    return os.environ.get(DEBUG_ENV) == "1"
 
 
 def spec_from_env(variable: str, model: type[Spec]) -> Spec:
     """The JSON in `variable`, validated; bad usage (exit 2) names the variable and the field."""
     raw = os.environ.get(variable)
     if not raw:
-        raise _fail(f"{variable} is not set: it must hold the JSON described in docs/runtime-contract.md", 2)
+        raise fail(f"{variable} is not set: it must hold the JSON described in docs/runtime-contract.md", 2)
     try:
         return model.model_validate(json.loads(raw))
     except json.JSONDecodeError as bad:
-        raise _fail(f"{variable} is not valid JSON: {bad}", 2) from None
+        raise fail(f"{variable} is not valid JSON: {bad}", 2) from None
     except ValidationError as invalid:
-        raise _fail(describe_validation_error(invalid, variable), 2) from None
+        raise fail(describe_validation_error(invalid, variable), 2) from None
 
 
+@exits_cleanly(*FAILED_CHECKS)
 def serve() -> None:
     """Wait for the Ray cluster, verify the model, then run vLLM's OpenAI server for one model (spec from NODE_RUNTIME_SERVE_SPEC)."""
-    spec = spec_from_env(SERVE_SPEC_ENV, ServeSpec)
-    try:
-        launch(spec)
-    except FAILED_CHECKS as failed:
-        if _debugging():
-            raise
-        raise _fail(str(failed), 1) from None
+    launch(spec_from_env(SERVE_SPEC_ENV, ServeSpec))
 
 
 def gateway() -> None:
@@ -81,6 +66,7 @@ cluster_app = typer.Typer(no_args_is_help=True, help="The Ray cluster's readines
 
 
 @cluster_app.command("wait")
+@exits_cleanly(ClusterNotReady)
 def wait(
     address: Annotated[str, typer.Option(help="HEAD_IP:RAY_PORT of the Ray head")],
     nodes: Annotated[int, typer.Option(min=1, help="alive nodes to wait for")],
@@ -89,15 +75,10 @@ def wait(
 ) -> None:
     """Exit 0 once Ray reports at least NODES alive nodes and GPUS GPUs; 1 on timeout, naming what is missing."""
     try:
-        spec = ClusterSpec(ray_address=address, expected_nodes=nodes, expected_gpus=gpus, gpus_per_node=0, timeout_s=timeout)
+        spec = ClusterSpec(ray_address=address, expected_nodes=nodes, expected_gpus=gpus, timeout_s=timeout)
     except ValidationError as invalid:
-        raise _fail(describe_validation_error(invalid, "--address/--nodes/--gpus/--timeout"), 2) from None
-    try:
-        state = wait_for_cluster(spec, report=lambda line: typer.echo(line, err=True))
-    except ClusterNotReady as not_ready:
-        if _debugging():
-            raise
-        raise _fail(str(not_ready), 1) from None
+        raise fail(describe_validation_error(invalid, "--address/--nodes/--gpus/--timeout"), 2) from None
+    state = wait_for_cluster(spec, report=lambda line: typer.echo(line, err=True))
     typer.echo(f"Ray cluster at {address} ready: {state.nodes} nodes, {state.gpus:g} GPUs")
 
 
