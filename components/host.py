@@ -1,65 +1,21 @@
-"""Host: one machine — its Docker engine, the command connection to it, and a preflight check."""
+"""Host: one machine — its Docker engine, the command connection to it, a preflight check — and the
+one place where a container or a command is declared on a machine."""
 
 from __future__ import annotations
 
 import shlex
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import pulumi
 import pulumi_command as command
 import pulumi_docker as docker
 
-from components.accelerators import PROFILES
-from components.config import Node, StackConfig
-from components.containers import container_name, ray_temp_dir, relay_key_path
+from components.plan import NodePlan, Plan
+from components.preflight import preflight_script
+from components.specs import ContainerSpec
 
 LOCAL_DOCKER_HOST = "unix:///var/run/docker.sock"
-
-
-def docker_host_url(user: str, node: Node, port: int) -> str:
-    return f"ssh://{user}@{node.address}:{port}"
-
-
-def preflight_script(
-    config: StackConfig, node: Node, label: str, ports: Sequence[tuple[int, str]], ray_container: str
-) -> str:
-    """The guide's troubleshooting, run before anything is placed on the host; fails naming the fix."""
-    where = shlex.quote(f"{label} ({node.address})")
-    lines = [
-        "set -u",
-        f'fail() {{ echo "preflight failed on "{where}": $*" >&2; exit 1; }}',
-        'docker info >/dev/null 2>&1 || fail "Docker is unreachable for user $(id -un):'
-        ' start it (systemctl start docker) and add the user to the docker group"',
-    ]
-    for device in PROFILES[config.accelerator].preflight_devices:
-        lines.append(
-            f'ls {device} >/dev/null 2>&1 || fail "{device} is missing: install and load the DCU driver'
-            ' (hy-smi must list the DCUs), or set accelerator: cpu"'
-        )
-    root = shlex.quote(config.model_root)
-    lines += [
-        # Docker refuses a bind mount whose source is missing: make every mounted directory here.
-        f"mkdir -p {root} {shlex.quote(ray_temp_dir(config))} || fail \"cannot create modelRoot/dataRoot as $(id -un)\"",
-        f"free_gb=$(df -Pk {root} | awk 'NR==2 {{print int($4/1048576)}}')",
-        f'[ "$free_gb" -ge {config.min_free_disk_gb} ] || fail "only ${{free_gb}} GB free under'
-        f' {config.model_root}, need {config.min_free_disk_gb}: free space or lower minFreeDiskGb"',
-    ]
-    if ports:
-        # Ports held by this stack's own running containers are ours, not a conflict.
-        checks = [
-            f'[ -z "$(ss -Htln "sport = :{port}")" ] || fail "port {port} ({key}) is in use: '
-            f'stop what listens there (ss -ltnp) or change {key}"'
-            for port, key in ports
-        ]
-        lines += [
-            'command -v ss >/dev/null || fail "ss (iproute2) is missing: install iproute2"',
-            f"if ! docker inspect {shlex.quote(ray_container)} >/dev/null 2>&1; then",
-            *[f"  {check}" for check in checks],
-            "fi",
-        ]
-    lines.append(f"echo preflight ok on {where}")
-    return "\n".join(lines)
 
 
 def relay_key_script(key_path: str, comment: str) -> str:
@@ -92,17 +48,15 @@ def revoke_key_script(public_key: str) -> str:
 
 @dataclass
 class HostArgs:
-    config: StackConfig
-    node: Node
-    role: str  # "head" or "worker": which ports this host must have free
+    plan: Plan
+    node: NodePlan
     ssh_private_key: pulumi.Input[str] | None = None
     # Workers: the head's relay public key to authorize (model and image distribution).
     relay_public_key: pulumi.Input[str] | None = None
-    ports: list[tuple[int, str]] = field(default_factory=list)
 
 
 class Host(pulumi.ComponentResource):
-    """A node reachable by Docker and by commands; children of other components run through it."""
+    """A node reachable by Docker and by commands; other components place their children through it."""
 
     provider: docker.Provider
     preflight: pulumi.Resource
@@ -112,49 +66,43 @@ class Host(pulumi.ComponentResource):
 
     def __init__(self, name: str, args: HostArgs, opts: pulumi.ResourceOptions | None = None):
         super().__init__("vllm-dcu:index:Host", name, None, opts)
-        config, node = args.config, args.node
-        self.label = node.label
+        plan, node = args.plan, args.node
         self.node = node
-        self._local = config.local_docker
-        user = node.ssh_user or config.ssh_user
-        port = node.ssh_port or config.ssh_port
+        self.label = node.label
+        self._local = plan.config.local_docker
         self._connection = None if self._local else command.remote.ConnectionArgs(
-            host=node.address, port=port, user=user, private_key=args.ssh_private_key
+            host=node.ssh.host, port=node.ssh.port, user=node.ssh.user, private_key=args.ssh_private_key
         )
         self.provider = docker.Provider(
             f"{name}-docker",
-            host=LOCAL_DOCKER_HOST if self._local else docker_host_url(user, node, port),
+            host=LOCAL_DOCKER_HOST if self._local else node.ssh.url,
             ssh_opts=None if self._local else ["-o", "StrictHostKeyChecking=accept-new"],
             opts=pulumi.ResourceOptions(parent=self),
         )
-        ray_container = container_name(config, "ray-head" if args.role == "head" else "ray-worker")
-        self.preflight = self.run(
-            f"{name}-preflight",
-            preflight_script(config, node, self.label, args.ports, ray_container),
-            parent=self,
-        )
+        self.preflight = self.command(f"{name}-preflight", preflight_script(plan, node), parent=self)
         self.ready = [self.preflight]
         self.relay_public_key = None
-        if args.role == "head" and config.workers:
-            key = self.run(
+        if node.role == "head" and plan.workers:
+            key = self.command(
                 f"{name}-relay-key",
-                relay_key_script(relay_key_path(config), f"{config.cluster_name} relay ({pulumi.get_stack()})"),
+                relay_key_script(plan.relay_key_path, f"{plan.config.cluster_name} relay ({pulumi.get_stack()})"),
                 parent=self,
                 depends_on=[self.preflight],
             )
             self.relay_public_key = key.stdout
         if args.relay_public_key is not None:
             public_key = pulumi.Output.from_input(args.relay_public_key)
-            self.ready.append(self.run(
+            self.ready.append(self.command(
                 f"{name}-relay-authorized",
                 public_key.apply(authorize_key_script),
                 delete=public_key.apply(revoke_key_script),
                 parent=self,
                 depends_on=[self.preflight],
             ))
+        self.summary = {"name": node.label, "address": node.address, "gpus": node.gpus, "role": node.role}
         self.register_outputs({"address": node.address, "preflight": self.preflight.id})
 
-    def run(
+    def command(
         self,
         name: str,
         create: pulumi.Input[str],
@@ -165,15 +113,55 @@ class Host(pulumi.ComponentResource):
         triggers: Sequence[Any] | None = None,
         depends_on: Sequence[pulumi.Resource] = (),
         timeout: int | None = None,
+        aliases: Sequence[pulumi.Alias] = (),
     ) -> command.remote.Command | command.local.Command:
-        """A command on this machine: over ssh, or locally for the local stack."""
+        """Declare a command on this machine: run over ssh, or locally for the local stack."""
         limit = f"{timeout}s" if timeout else None
         opts = pulumi.ResourceOptions(
             parent=parent,
             depends_on=list(depends_on),
             custom_timeouts=pulumi.CustomTimeouts(create=limit, update=limit) if limit else None,
+            aliases=list(aliases),
         )
         common: dict[str, Any] = dict(create=create, delete=delete, stdin=stdin, triggers=triggers)
         if self._local:
             return command.local.Command(name, interpreter=["/bin/sh", "-c"], **common, opts=opts)
         return command.remote.Command(name, connection=self._connection, **common, opts=opts)
+
+    def container(
+        self,
+        name: str,
+        spec: ContainerSpec,
+        *,
+        image: pulumi.Input[str],
+        parent: pulumi.Resource,
+        depends_on: Sequence[pulumi.Resource],
+        secret_envs: pulumi.Input[list[str]] | None = None,
+    ) -> docker.Container:
+        """Declare a container on this machine's Docker engine from a spec (components/specs.py)."""
+        envs: pulumi.Input[list[str]] = [f"{k}={v}" for k, v in sorted(spec.envs.items())]
+        if secret_envs is not None:
+            envs = pulumi.Output.all(envs, secret_envs).apply(lambda parts: parts[0] + parts[1])
+        return docker.Container(
+            name,
+            name=spec.name,
+            image=image,
+            command=spec.command,
+            envs=envs,
+            network_mode=spec.network_mode,
+            ipc_mode=spec.ipc_mode,
+            pid_mode=spec.pid_mode,
+            shm_size=spec.shm_size_mb,
+            restart=spec.restart,
+            devices=[docker.ContainerDeviceArgs(host_path=d, container_path=d, permissions="rwm") for d in spec.devices],
+            group_adds=spec.group_adds or None,
+            capabilities=docker.ContainerCapabilitiesArgs(adds=spec.capabilities) if spec.capabilities else None,
+            security_opts=spec.security_opts or None,
+            mounts=[
+                docker.ContainerMountArgs(type="bind", source=path, target=path, read_only=read_only)
+                for path, read_only in spec.bind_mounts
+            ],
+            # Model files and Ray's state are bind mounts: removing a container never touches them.
+            remove_volumes=False,
+            opts=pulumi.ResourceOptions(parent=parent, provider=self.provider, depends_on=list(depends_on)),
+        )

@@ -5,15 +5,13 @@ replaces this container alone; the Ray containers never see it."""
 from __future__ import annotations
 
 import shlex
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import pulumi
 
-from components.config import StackConfig
-from components.containers import (
-    SERVER_ENTRY, declare_container, node_container_spec, serve_spec, to_env_json,
-)
 from components.host import Host
+from components.plan import ModelPlan, Plan
+from components.specs import server_container_spec
 
 HEALTH_POLL_SECONDS = 5
 
@@ -38,8 +36,8 @@ def server_health_script(container: str, port: int, timeout_s: int) -> str:
 
 @dataclass
 class ModelServerArgs:
-    config: StackConfig
-    index: int
+    plan: Plan
+    model: ModelPlan
     host: Host
     image_id: pulumi.Input[str]
     cluster_ready: pulumi.Resource
@@ -49,26 +47,28 @@ class ModelServerArgs:
 class ModelServer(pulumi.ComponentResource):
     def __init__(self, name: str, args: ModelServerArgs, opts: pulumi.ResourceOptions | None = None):
         super().__init__("vllm-dcu:index:ModelServer", name, None, opts)
-        config = args.config
-        model = config.models[args.index]
-        spec = serve_spec(config, args.index)
-        node_spec = node_container_spec(config, config.head, f"server-{model.name}", list(SERVER_ENTRY))
-        container_spec = replace(node_spec, envs={**node_spec.envs, "NODE_RUNTIME_SERVE_SPEC": to_env_json(spec)})
-        self.container = declare_container(
+        plan, model = args.plan, args.model
+        spec = server_container_spec(plan, model)
+        self.container = args.host.container(
             f"{name}-container",
-            container_spec,
+            spec,
             image=args.image_id,
-            host=args.host,
             parent=self,
             depends_on=[args.cluster_ready, *args.model_verified],
         )
-        self.healthy = args.host.run(
+        server_ready = plan.config.timeouts.server_ready
+        self.healthy = args.host.command(
             f"{name}-healthy",
-            server_health_script(container_spec.name, spec["port"], config.timeouts.server_ready),
+            server_health_script(spec.name, model.port, server_ready),
             triggers=[self.container.id],
-            timeout=config.timeouts.server_ready + 60,
+            timeout=server_ready + 60,
             parent=self,
             depends_on=[self.container],
         )
-        self.url = f"http://127.0.0.1:{spec['port']}"
+        self.url = f"http://127.0.0.1:{model.port}"
+        self.summary = {
+            "name": model.name, "id": model.model.id, "revision": model.model.revision,
+            "tensorParallelSize": model.layout.tensor_parallel_size,
+            "pipelineParallelSize": model.layout.pipeline_parallel_size, "port": model.port,
+        }
         self.register_outputs({"containerId": self.container.id, "url": self.url})

@@ -8,18 +8,28 @@ from dataclasses import dataclass
 
 import pulumi
 
-from components.config import Model, StackConfig
-from components.containers import relay_key_path, runtime_run
 from components.host import Host
+from components.plan import NodePlan, Plan
+from components.schema import Model
 
 TOKEN_ENV = {"huggingface": "HF_TOKEN", "modelscope": "MODELSCOPE_API_TOKEN"}
 
 
-def model_path(config: StackConfig, model: Model) -> str:
-    return f"{config.model_root}/{model.directory}"
+def runtime_run(image: str, args: list[str], *, mounts: list[str], env_names: tuple[str, ...] = ()) -> str:
+    """A one-off `docker run` of the node image on a host, for the model store's steps.
+
+    Secrets reach it only by name (`-e NAME` copies the caller's variable), never by value.
+    """
+    parts = ["docker", "run", "--rm", "-i", "--network", "host"]
+    for path in mounts:
+        parts += ["-v", f"{path}:{path}"]
+    for name in env_names:
+        parts += ["-e", name]
+    return shlex.join([*parts, image, "node-runtime", *args])
 
 
-def download_script(config: StackConfig, model: Model, image: str, *, with_token: bool) -> str:
+def download_script(plan: Plan, model: Model, image: str, *, with_token: bool) -> str:
+    config = plan.config
     args = [
         "model", "download", "--source", model.source, "--repo-id", model.id,
         "--revision", model.revision, "--model-root", config.model_root, "--name", model.directory,
@@ -33,17 +43,17 @@ def download_script(config: StackConfig, model: Model, image: str, *, with_token
         args += ["--local-dir", model.local_path]
         mounts.append(model.local_path)
     token = TOKEN_ENV.get(model.source) if with_token else None
-    run = runtime_run(config, image, args, mounts=mounts, env_names=(token,) if token else ())
+    run = runtime_run(image, args, mounts=mounts, env_names=(token,) if token else ())
     # The token arrives on stdin, so it never appears on a command line.
     return f'{token}="$(cat)"; export {token}; exec {run}' if token else f"exec {run}"
 
 
-def sync_script(config: StackConfig, model: Model, image: str, workers: list[Host]) -> str:
-    key = relay_key_path(config)
-    args = ["model", "sync", model_path(config, model), "--identity", key]
-    for host in workers:
-        node = host.node
-        args += ["--node", f"{node.ssh_user or config.ssh_user}@{node.address}:{node.ssh_port or config.ssh_port}"]
+def sync_script(plan: Plan, model: Model, image: str, workers: list[NodePlan]) -> str:
+    config = plan.config
+    key = plan.relay_key_path
+    args = ["model", "sync", plan.model_path(model), "--identity", key]
+    for node in workers:
+        args += ["--node", str(node.ssh)]
     # Runs on each worker; the relay's forwarded agent goes into the container, expanded there,
     # so the next hop authenticates without the key ever leaving the head.
     receiver = (
@@ -52,17 +62,17 @@ def sync_script(config: StackConfig, model: Model, image: str, workers: list[Hos
     )
     args += ["--remote-exec", receiver]
     key_dir = key.rsplit("/", 1)[0]
-    return "exec " + runtime_run(config, image, args, mounts=[config.model_root, key_dir])
+    return "exec " + runtime_run(image, args, mounts=[config.model_root, key_dir])
 
 
-def verify_script(config: StackConfig, model: Model, image: str) -> str:
-    args = ["model", "verify", model_path(config, model), "--hash", "sample"]
-    return "exec " + runtime_run(config, image, args, mounts=[config.model_root])
+def verify_script(plan: Plan, model: Model, image: str) -> str:
+    args = ["model", "verify", plan.model_path(model), "--hash", "sample"]
+    return "exec " + runtime_run(image, args, mounts=[plan.config.model_root])
 
 
 @dataclass
 class ModelStoreArgs:
-    config: StackConfig
+    plan: Plan
     model: Model
     head: Host
     workers: list[Host]
@@ -77,13 +87,14 @@ class ModelStore(pulumi.ComponentResource):
 
     def __init__(self, name: str, args: ModelStoreArgs, opts: pulumi.ResourceOptions | None = None):
         super().__init__("vllm-dcu:index:ModelStore", name, None, opts)
-        config, model, head = args.config, args.model, args.head
+        plan, model, head = args.plan, args.model, args.head
+        config = plan.config
         identity = [model.source, model.id, model.revision, model.local_path or ""]
         head_image = pulumi.Output.from_input(args.image_ids[head.label])
         with_token = args.token is not None and model.source in TOKEN_ENV
-        download = head.run(
+        download = head.command(
             f"{name}-download",
-            head_image.apply(lambda image: download_script(config, model, image, with_token=with_token)),
+            head_image.apply(lambda image: download_script(plan, model, image, with_token=with_token)),
             stdin=args.token if with_token else None,
             triggers=identity,
             timeout=config.timeouts.model_download,
@@ -94,19 +105,19 @@ class ModelStore(pulumi.ComponentResource):
         if args.workers:
             # The receivers run the node image on each worker: wait until every worker holds it.
             images = pulumi.Output.all(head_image, *(args.image_ids[w.label] for w in args.workers))
-            placed = head.run(
+            placed = head.command(
                 f"{name}-sync",
-                images.apply(lambda ids: sync_script(config, model, ids[0], args.workers)),
+                images.apply(lambda ids: sync_script(plan, model, ids[0], [w.node for w in args.workers])),
                 triggers=[download.id],
                 timeout=config.timeouts.model_download,
                 parent=self,
                 depends_on=[download, *(r for w in args.workers for r in w.ready)],
             )
         self.verified = [
-            host.run(
+            host.command(
                 f"{name}-{host.label}-verify",
                 pulumi.Output.from_input(args.image_ids[host.label]).apply(
-                    lambda image: verify_script(config, model, image)
+                    lambda image: verify_script(plan, model, image)
                 ),
                 triggers=[placed.id],
                 parent=self,
@@ -114,5 +125,5 @@ class ModelStore(pulumi.ComponentResource):
             )
             for host in [head, *args.workers]
         ]
-        self.path = model_path(config, model)
+        self.path = plan.model_path(model)
         self.register_outputs({"path": self.path})

@@ -11,42 +11,39 @@ from pathlib import Path
 import pulumi
 import pulumi_docker as docker
 
-from components.config import StackConfig
-from components.containers import relay_key_path
 from components.host import Host
+from components.plan import NodePlan, Plan
 
-IMAGES_DIR = Path(__file__).resolve().parent.parent / "images"
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+IMAGES_DIR = PROJECT_DIR / "images"
 
 
-def recipe_files(accelerator: str) -> list[Path]:
+def recipe_files(plan: Plan) -> list[Path]:
     """What the image is built from: the profile's Dockerfile and the runtime package."""
     runtime = sorted(
         p for p in (IMAGES_DIR / "runtime").rglob("*")
         if p.is_file() and "__pycache__" not in p.parts and ".egg-info" not in str(p)
     )
-    return [IMAGES_DIR / accelerator / "Dockerfile", *runtime]
+    return [PROJECT_DIR / plan.profile.recipe, *runtime]
 
 
-def image_tag(config: StackConfig) -> str:
+def image_tag(plan: Plan) -> str:
     """Changes exactly when the recipe or the base image changes, so containers follow the image."""
-    digest = hashlib.sha256(config.base_image.encode())
-    for path in recipe_files(config.accelerator):
+    digest = hashlib.sha256(plan.config.base_image.encode())
+    for path in recipe_files(plan):
         digest.update(str(path.relative_to(IMAGES_DIR)).encode() + b"\0" + path.read_bytes())
-    return f"{config.accelerator}-{digest.hexdigest()[:16]}"
+    return f"{plan.profile.name}-{digest.hexdigest()[:16]}"
 
 
-def image_repository(config: StackConfig) -> str:
-    return config.image_registry or f"{config.cluster_name}-node"
+def image_repository(plan: Plan) -> str:
+    return plan.config.image_registry or f"{plan.config.cluster_name}-node"
 
 
-def stream_image_script(config: StackConfig, reference: str, host: Host) -> str:
+def stream_image_script(plan: Plan, reference: str, node: NodePlan) -> str:
     """On the head: `docker save | ssh worker docker load` with the head's relay key."""
-    node = host.node
-    user = node.ssh_user or config.ssh_user
-    port = node.ssh_port or config.ssh_port
     ssh = shlex.join([
-        "ssh", "-i", relay_key_path(config), "-p", str(port),
-        "-o", "StrictHostKeyChecking=accept-new", "-o", "BatchMode=yes", f"{user}@{node.address}",
+        "ssh", "-i", plan.relay_key_path, "-p", str(node.ssh.port),
+        "-o", "StrictHostKeyChecking=accept-new", "-o", "BatchMode=yes", f"{node.ssh.user}@{node.ssh.host}",
         "docker load",
     ])
     return shlex.join(["bash", "-euo", "pipefail", "-c", f"docker save {shlex.quote(reference)} | {ssh}"])
@@ -58,7 +55,7 @@ def inspect_id_script(reference: str) -> str:
 
 @dataclass
 class NodeImageArgs:
-    config: StackConfig
+    plan: Plan
     head: Host
     workers: list[Host]
 
@@ -70,15 +67,16 @@ class NodeImage(pulumi.ComponentResource):
 
     def __init__(self, name: str, args: NodeImageArgs, opts: pulumi.ResourceOptions | None = None):
         super().__init__("vllm-dcu:index:NodeImage", name, None, opts)
-        config = args.config
-        reference = f"{image_repository(config)}:{image_tag(config)}"
+        plan = args.plan
+        config = plan.config
+        reference = f"{image_repository(plan)}:{image_tag(plan)}"
         pushed = config.image_registry is not None
         built = docker.Image(
             f"{name}-build",
             image_name=reference,
             build=docker.DockerBuildArgs(
                 context=str(IMAGES_DIR),
-                dockerfile=str(IMAGES_DIR / config.accelerator / "Dockerfile"),
+                dockerfile=str(PROJECT_DIR / plan.profile.recipe),
                 args={"BASE_IMAGE": config.base_image},
                 platform="linux/amd64",
             ),
@@ -99,14 +97,14 @@ class NodeImage(pulumi.ComponentResource):
                     opts=pulumi.ResourceOptions(parent=self, provider=host.provider),
                 ))
             elif host is not args.head:
-                placed.append(args.head.run(
+                placed.append(args.head.command(
                     f"{name}-{host.label}-stream",
-                    built.image_name.apply(lambda ref, h=host: stream_image_script(config, ref, h)),
+                    built.image_name.apply(lambda ref, node=host.node: stream_image_script(plan, ref, node)),
                     triggers=[built.image_name],
                     parent=self,
                     depends_on=placed,
                 ))
-            inspected = host.run(
+            inspected = host.command(
                 f"{name}-{host.label}-id",
                 self.reference.apply(inspect_id_script),
                 triggers=[self.reference],

@@ -6,14 +6,14 @@ from dataclasses import dataclass
 
 import pulumi
 
-from components.config import StackConfig
-from components.containers import declare_container, node_container_spec, ray_start_command
 from components.host import Host
+from components.plan import Plan
+from components.specs import node_container_spec, ray_start_command
 
 
 @dataclass
 class RayHeadArgs:
-    config: StackConfig
+    plan: Plan
     host: Host
     image_id: pulumi.Input[str]
 
@@ -21,11 +21,9 @@ class RayHeadArgs:
 class RayHead(pulumi.ComponentResource):
     def __init__(self, name: str, args: RayHeadArgs, opts: pulumi.ResourceOptions | None = None):
         super().__init__("vllm-dcu:index:RayHead", name, None, opts)
-        config = args.config
-        spec = node_container_spec(config, config.head, "ray-head", ray_start_command(config, config.head))
-        self.container = declare_container(
-            f"{name}-container", spec, image=args.image_id, host=args.host, parent=self, depends_on=args.host.ready
+        plan, node = args.plan, args.plan.head
+        spec = node_container_spec(plan, node, "ray-head", ray_start_command(plan, node))
+        self.container = args.host.container(
+            f"{name}-container", spec, image=args.image_id, parent=self, depends_on=args.host.ready
         )
-        self.address = f"{config.head.address}:{config.ray_ports.gcs}"
-        self.dashboard_url = f"http://{config.head.address}:{config.ray_ports.dashboard}"
-        self.register_outputs({"containerId": self.container.id, "address": self.address})
+        self.register_outputs({"containerId": self.container.id, "address": plan.cluster.ray_address})

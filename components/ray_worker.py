@@ -6,15 +6,15 @@ from dataclasses import dataclass
 
 import pulumi
 
-from components.config import StackConfig
-from components.containers import declare_container, node_container_spec, ray_start_command
 from components.host import Host
+from components.plan import Plan
 from components.ray_head import RayHead
+from components.specs import node_container_spec, ray_start_command
 
 
 @dataclass
 class RayWorkerArgs:
-    config: StackConfig
+    plan: Plan
     host: Host
     image_id: pulumi.Input[str]
     head: RayHead
@@ -24,12 +24,11 @@ class RayWorker(pulumi.ComponentResource):
     def __init__(self, name: str, args: RayWorkerArgs, opts: pulumi.ResourceOptions | None = None):
         super().__init__("vllm-dcu:index:RayWorker", name, None, opts)
         node = args.host.node
-        spec = node_container_spec(args.config, node, "ray-worker", ray_start_command(args.config, node))
-        self.container = declare_container(
+        spec = node_container_spec(args.plan, node, "ray-worker", ray_start_command(args.plan, node))
+        self.container = args.host.container(
             f"{name}-container",
             spec,
             image=args.image_id,
-            host=args.host,
             parent=self,
             depends_on=[*args.host.ready, args.head.container],
         )

@@ -38,6 +38,8 @@ class RecordedResource:
     custom: bool
     retain_on_delete: bool
     secret_paths: list[str] = field(default_factory=list)
+    # Alias specs as registered: {"name", "type", "parentUrn", "noParent"} (unset fields empty).
+    aliases: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -143,6 +145,8 @@ class RecordingMonitor(pulumi_mocks.MockMonitor):
                 parent=request.parent or None, dependencies=sorted(deps),
                 provider=request.provider or None, custom=request.custom,
                 retain_on_delete=request.retainOnDelete, secret_paths=secret_paths,
+                aliases=[{"name": a.spec.name, "type": a.spec.type, "parentUrn": a.spec.parentUrn,
+                          "noParent": a.spec.noParent} for a in request.aliases if a.HasField("spec")],
             ))
         return response
 

@@ -104,7 +104,7 @@ def test_each_container_goes_to_its_own_host_provider(dev):
 
 def test_ordering_is_by_data(dev):
     head = dev.named("vllm-ray-head-container")
-    ready = dev.named("vllm-cluster-ready")
+    ready = dev.named("vllm-ray-ready")
     server = dev.named("vllm-server-Llama-3.1-70B-Instruct-container")
     healthy = dev.named("vllm-server-Llama-3.1-70B-Instruct-healthy")
     gateway = dev.named("vllm-gateway-container")
@@ -122,7 +122,7 @@ def test_ordering_is_by_data(dev):
 
 
 def test_cluster_readiness_waits_for_every_node_and_gpu(dev):
-    script = dev.named("vllm-cluster-ready").inputs["create"]
+    script = dev.named("vllm-ray-ready").inputs["create"]
     assert "node-runtime cluster wait --address 10.0.0.11:6379 --nodes 3 --gpus 24" in script
 
 
@@ -166,8 +166,10 @@ def test_server_spec_and_gateway_config(dev):
     spec = json.loads(env_of(server)["NODE_RUNTIME_SERVE_SPEC"])
     assert spec["model_path"] == "/data/models/Llama-3.1-70B-Instruct"
     assert spec["host"] == "127.0.0.1" and spec["port"] == 8100
-    assert spec["cluster"] == {"ray_address": "10.0.0.11:6379", "expected_nodes": 3, "expected_gpus": 24,
-                               "gpus_per_node": 8, "timeout_s": 900}
+    assert spec["cluster"] == {"ray_address": "10.0.0.11:6379", "expected_nodes": 3, "expected_gpus": 24, "timeout_s": 900}
+    # The concrete layout (tensorParallelSize 0 = auto), as the outputs show it.
+    assert (spec["tensor_parallel_size"], spec["pipeline_parallel_size"]) == (8, 3)
+    assert spec["distributed_executor_backend"] == "ray"
     gateway = dev.named("vllm-gateway-container")
     config = json.loads(env_of(gateway)["NODE_RUNTIME_GATEWAY_CONFIG"])
     assert config["servers"] == [{"name": "Llama-3.1-70B-Instruct", "url": "http://127.0.0.1:8100"}]

@@ -5,8 +5,10 @@ from typing import Annotated, Literal, Union, get_args, get_origin
 
 import yaml
 
-from components.config import StackConfig, parse_stack_config
-from components.host import preflight_script
+from components.config import parse_stack_config
+from components.plan import make_plan
+from components.preflight import preflight_script
+from components.schema import StackConfig
 from tests.support.pulumi_program import REPO, stack_config
 
 PULUMI_TYPES = {str: "string", int: "integer", bool: "boolean"}
@@ -46,8 +48,8 @@ def test_every_scalar_key_is_declared_with_its_type_and_default():
 
 
 def test_preflight_names_the_host_and_the_fix_when_docker_is_unreachable(tmp_path):
-    config = parse_stack_config(stack_config(REPO / "Pulumi.dev.yaml"))
-    script = preflight_script(config, config.workers[0], "dcu-worker-1", [(8076, "rayPorts.objectManager")], "vllm-ray-worker")
+    plan = make_plan(parse_stack_config(stack_config(REPO / "Pulumi.dev.yaml")))
+    script = preflight_script(plan, plan.workers[0])
     result = subprocess.run(
         ["sh", "-c", script], capture_output=True, text=True,
         env={"PATH": "/usr/bin:/bin", "DOCKER_HOST": f"unix://{tmp_path}/no-such.sock", "HOME": str(tmp_path)},

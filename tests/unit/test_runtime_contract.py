@@ -54,15 +54,19 @@ def test_declared_commands_parse_with_the_runtime_cli():
                 assert word in result.output, f"{word} of {args[:2]} is not a runtime option"
 
 
-@pytest.mark.parametrize("tp,pp", [(0, 0), (0, 1), (4, 0), (8, 0), (8, 3), (16, 0), (4, 2)])
-def test_program_and_launcher_resolve_the_same_layout(tp, pp):
-    """The outputs' TP/PP must be what the launcher will actually run."""
-    from components.config import parse_stack_config, resolve_layout as program_layout
-    from node_runtime.serving.layout import resolve_layout as launcher_layout
+@pytest.mark.parametrize("stack_file", STACK_FILES, ids=[p.name for p in STACK_FILES])
+def test_the_serve_spec_carries_the_layout_the_outputs_show(stack_file):
+    """One rule, in the plan: the launcher runs the TP x PP the program planned and reports."""
+    run = run_program(stack_config(stack_file), stack=stack_file.stem.split(".")[1])
+    assert run.error is None, run.error
+    for model in run.outputs["models"]:
+        server = run.named(_server_name(run, model["name"]))
+        spec = ServeSpec.model_validate_json(env_of(server)["NODE_RUNTIME_SERVE_SPEC"])
+        assert (spec.tensor_parallel_size, spec.pipeline_parallel_size) == (
+            model["tensorParallelSize"], model["pipelineParallelSize"])
+        assert spec.port == model["port"]
 
-    values = stack_config(REPO / "Pulumi.dev.yaml")
-    values["models"][0].update(tensorParallelSize=tp, pipelineParallelSize=pp)
-    config = parse_stack_config(values)
-    expected = program_layout(config, config.models[0])
-    layout = launcher_layout(tp, pp, nodes=len(config.nodes), gpus_per_node=config.gpus_per_node)
-    assert (layout.tensor_parallel_size, layout.pipeline_parallel_size) == expected
+
+def _server_name(run, model: str) -> str:
+    (name,) = [r.name for r in run.resources if r.name.endswith(f"-server-{model}-container")]
+    return name

@@ -116,13 +116,13 @@ def start_ray_head(work: Path) -> tuple[Process, str]:
 
 
 def cluster_json(address: str, nodes: int = 1, timeout_s: float = 60) -> dict:
-    return {"ray_address": address, "expected_nodes": nodes, "expected_gpus": 0, "gpus_per_node": 0, "timeout_s": timeout_s}
+    return {"ray_address": address, "expected_nodes": nodes, "expected_gpus": 0, "timeout_s": timeout_s}
 
 
 def serve_spec(model_dir: Path, name: str, port: int, ray_address: str, **overrides) -> dict:
     spec = {
         "served_model_name": name, "model_path": str(model_dir), "host": "127.0.0.1", "port": port,
-        "accelerator": "cpu", "tensor_parallel_size": 0, "pipeline_parallel_size": 0, "quantization": "none",
+        "accelerator": "cpu", "tensor_parallel_size": 1, "pipeline_parallel_size": 1, "quantization": "none",
         "dtype": "float32", "max_num_seqs": 32, "max_num_batched_tokens": None, "max_model_len": 512,
         "gpu_memory_utilization": 0.9, "extra_args": ["--enforce-eager"], "cluster": cluster_json(ray_address),
     }

@@ -11,17 +11,17 @@ CONTRACT_SERVE = """{
   "model_path": "/data/models/Llama-3-8B-Instruct",
   "host": "127.0.0.1", "port": 8100,
   "accelerator": "dcu",
-  "tensor_parallel_size": 0, "pipeline_parallel_size": 0,
+  "tensor_parallel_size": 8, "pipeline_parallel_size": 3, "distributed_executor_backend": "ray",
   "quantization": "none", "dtype": "auto",
   "max_num_seqs": 256, "max_num_batched_tokens": null, "max_model_len": null,
   "gpu_memory_utilization": 0.9,
   "extra_args": [],
-  "cluster": {"ray_address": "10.0.0.1:6379", "expected_nodes": 3, "expected_gpus": 24, "gpus_per_node": 8, "timeout_s": 900}
+  "cluster": {"ray_address": "10.0.0.1:6379", "expected_nodes": 3, "expected_gpus": 24, "timeout_s": 900}
 }"""
 CONTRACT_GATEWAY = """{
   "host": "0.0.0.0", "port": 8000,
   "servers": [{"name": "Llama-3-8B-Instruct", "url": "http://127.0.0.1:8100"}],
-  "cluster": {"ray_address": "10.0.0.1:6379", "expected_nodes": 3, "expected_gpus": 24, "gpus_per_node": 8, "timeout_s": 900},
+  "cluster": {"ray_address": "10.0.0.1:6379", "expected_nodes": 3, "expected_gpus": 24, "timeout_s": 900},
   "max_batch_size": 64,
   "request_timeout_s": 600
 }"""
@@ -64,12 +64,14 @@ def test_gateway_rejects_duplicate_names_and_bad_url():
     assert "servers.0.url" in _error_for(GatewayConfig, data)
 
 
-def test_cluster_gpu_counts_must_add_up():
-    message = _error_for(ClusterSpec, {"ray_address": "10.0.0.1:6379", "expected_nodes": 3, "expected_gpus": 16,
-                                       "gpus_per_node": 8, "timeout_s": 10})
-    assert "cluster.gpus_per_node" in message and "expected_gpus" in message
+def test_the_layout_is_concrete():
+    """The program sends the planned TP and PP; "0 = auto" is the stack file's business, not the launcher's."""
+    data = json.loads(CONTRACT_SERVE)
+    data.update(tensor_parallel_size=0, distributed_executor_backend="threads")
+    message = _error_for(ServeSpec, data)
+    assert "SPEC: tensor_parallel_size:" in message and "SPEC: distributed_executor_backend:" in message
 
 
 def test_ray_address_needs_a_port():
     assert "ray_address" in _error_for(ClusterSpec, {"ray_address": "10.0.0.1", "expected_nodes": 1, "expected_gpus": 0,
-                                                     "gpus_per_node": 0, "timeout_s": 10})
+                                                     "timeout_s": 10})

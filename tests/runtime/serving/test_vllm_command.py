@@ -1,10 +1,12 @@
 import json
 import sys
 
+import pytest
+
+from node_runtime.serving.cluster import ClusterState
 from node_runtime.serving.launcher import (
-    build_vllm_command, executor_backend, installed_vllm_version, request_log_flags, vllm_environment,
+    LaunchError, build_vllm_command, check_layout, installed_vllm_version, request_log_flags, vllm_environment,
 )
-from node_runtime.serving.layout import Layout
 from node_runtime.serving.spec import ServeSpec
 
 from .test_spec import CONTRACT_SERVE
@@ -18,15 +20,11 @@ def _flags(command: list[str]) -> dict[str, str]:
     return {flag: value for flag, value in zip(command, command[1:]) if flag.startswith("--") and not value.startswith("--")}
 
 
-def test_the_one_dcu_cpu_difference():
-    assert executor_backend("dcu", Layout(8, 3)) == "ray"
-    assert executor_backend("dcu", Layout(1, 1)) is None   # one process needs no executor across nodes
-    assert executor_backend("cpu", Layout(2, 1)) is None   # vLLM's Ray executor does not support CPU
-    assert executor_backend("cpu", Layout(1, 1)) is None
+_CPU = dict(accelerator="cpu", tensor_parallel_size=1, pipeline_parallel_size=1, distributed_executor_backend=None)
 
 
 def test_dcu_command_line():
-    command = build_vllm_command(_spec(max_model_len=8192, extra_args=["--enforce-eager"]), Layout(8, 3), "awq",
+    command = build_vllm_command(_spec(max_model_len=8192, extra_args=["--enforce-eager"]), "awq",
                                  vllm_version="0.18.1", python="/usr/bin/python3")
     assert command[:3] == ["/usr/bin/python3", "-m", "vllm.entrypoints.openai.api_server"]
     assert _flags(command) == {
@@ -39,7 +37,7 @@ def test_dcu_command_line():
 
 
 def test_cpu_command_line_leaves_out_ray_and_unset_options():
-    command = build_vllm_command(_spec(accelerator="cpu"), Layout(1, 1), None, vllm_version="0.32.0")
+    command = build_vllm_command(_spec(**_CPU), None, vllm_version="0.32.0")
     assert command[0] == sys.executable
     flags = _flags(command)
     for absent in ("--distributed-executor-backend", "--quantization", "--max-model-len", "--max-num-batched-tokens"):
@@ -50,8 +48,15 @@ def test_cpu_command_line_leaves_out_ray_and_unset_options():
 
 def test_ray_executor_gets_the_cluster_address():
     spec = _spec()
-    assert vllm_environment(spec, Layout(8, 3), {"PATH": "/bin"}) == {"PATH": "/bin", "RAY_ADDRESS": "10.0.0.1:6379"}
-    assert "RAY_ADDRESS" not in vllm_environment(_spec(accelerator="cpu"), Layout(1, 1), {})
+    assert vllm_environment(spec, {"PATH": "/bin"}) == {"PATH": "/bin", "RAY_ADDRESS": "10.0.0.1:6379"}
+    assert "RAY_ADDRESS" not in vllm_environment(_spec(**_CPU), {})
+
+
+def test_the_planned_layout_is_checked_against_ray():
+    check_layout(_spec(), ClusterState(nodes=3, gpus=24))
+    check_layout(_spec(**_CPU), ClusterState(nodes=1, gpus=0))  # vLLM's own executor: Ray's GPUs do not matter
+    with pytest.raises(LaunchError, match=r"TP 8 x PP 3 = 24 GPUs, but Ray reports 16"):
+        check_layout(_spec(), ClusterState(nodes=2, gpus=16))
 
 
 def test_request_logging_flag_follows_the_vllm_version():
@@ -60,7 +65,7 @@ def test_request_logging_flag_follows_the_vllm_version():
     assert request_log_flags("0.10.0") == ["--disable-log-requests"]
     for newer in ("0.10.1", "0.11.0", "0.18.1", "0.32.0", None, "unknown"):
         assert request_log_flags(newer) == []
-    old = build_vllm_command(_spec(extra_args=["--enforce-eager"]), Layout(8, 3), None, vllm_version="0.8.5")
+    old = build_vllm_command(_spec(extra_args=["--enforce-eager"]), None, vllm_version="0.8.5")
     assert old[-2:] == ["--disable-log-requests", "--enforce-eager"]  # extra_args last: the user has the final word
 
 

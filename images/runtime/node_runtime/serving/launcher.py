@@ -12,8 +12,7 @@ import sys
 from pathlib import Path
 
 from node_runtime.modelstore.manifest import verify_manifest
-from node_runtime.serving.cluster import wait_for_cluster
-from node_runtime.serving.layout import Layout, resolve_layout
+from node_runtime.serving.cluster import ClusterState, wait_for_cluster
 from node_runtime.serving.quantization import resolve_quantization
 from node_runtime.serving.spec import ServeSpec
 
@@ -22,13 +21,6 @@ VLLM_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 
 class LaunchError(RuntimeError):
     """A check before the start failed; the message says what to do."""
-
-
-def executor_backend(accelerator: str, layout: Layout) -> str | None:
-    """vLLM's --distributed-executor-backend: Ray across DCUs; on CPU vLLM's own (Ray does not support CPU)."""
-    if accelerator == "dcu" and layout.world_size > 1:
-        return "ray"
-    return None
 
 
 def installed_vllm_version() -> str | None:
@@ -50,7 +42,7 @@ def request_log_flags(vllm_version: str | None) -> list[str]:
     return []
 
 
-def build_vllm_command(spec: ServeSpec, layout: Layout, quantization: str | None, *,
+def build_vllm_command(spec: ServeSpec, quantization: str | None, *,
                        vllm_version: str | None, python: str = sys.executable) -> list[str]:
     """vLLM's OpenAI server command line, using only flags present from vLLM 0.8.5 to 0.32,
     plus request logging, whose flag changed, chosen by version. Anything else version-specific
@@ -61,8 +53,8 @@ def build_vllm_command(spec: ServeSpec, layout: Layout, quantization: str | None
         "--served-model-name", spec.served_model_name,
         "--host", spec.host,
         "--port", str(spec.port),
-        "--tensor-parallel-size", str(layout.tensor_parallel_size),
-        "--pipeline-parallel-size", str(layout.pipeline_parallel_size),
+        "--tensor-parallel-size", str(spec.tensor_parallel_size),
+        "--pipeline-parallel-size", str(spec.pipeline_parallel_size),
         "--dtype", spec.dtype,
         "--max-num-seqs", str(spec.max_num_seqs),
         "--gpu-memory-utilization", str(spec.gpu_memory_utilization),
@@ -71,7 +63,7 @@ def build_vllm_command(spec: ServeSpec, layout: Layout, quantization: str | None
         "--max-num-batched-tokens": spec.max_num_batched_tokens,
         "--max-model-len": spec.max_model_len,
         "--quantization": quantization,
-        "--distributed-executor-backend": executor_backend(spec.accelerator, layout),
+        "--distributed-executor-backend": spec.distributed_executor_backend,
     }
     for flag, value in optional.items():
         if value is not None:
@@ -79,10 +71,10 @@ def build_vllm_command(spec: ServeSpec, layout: Layout, quantization: str | None
     return command + request_log_flags(vllm_version) + list(spec.extra_args)
 
 
-def vllm_environment(spec: ServeSpec, layout: Layout, base: dict[str, str]) -> dict[str, str]:
+def vllm_environment(spec: ServeSpec, base: dict[str, str]) -> dict[str, str]:
     """vLLM's Ray executor attaches to RAY_ADDRESS; without it, it might start a private Ray."""
     env = dict(base)
-    if executor_backend(spec.accelerator, layout) == "ray":
+    if spec.distributed_executor_backend == "ray":
         env["RAY_ADDRESS"] = spec.cluster.ray_address
     return env
 
@@ -111,6 +103,15 @@ def check_model(model_path: str) -> None:
         )
 
 
+def check_layout(spec: ServeSpec, cluster: ClusterState) -> None:
+    """The planned layout against what Ray reports: a Ray executor needs a GPU per rank."""
+    if spec.distributed_executor_backend == "ray" and cluster.gpus < spec.world_size:
+        raise LaunchError(
+            f"TP {spec.tensor_parallel_size} x PP {spec.pipeline_parallel_size} = {spec.world_size} GPUs, but Ray "
+            f"reports {cluster.gpus:g}: check each node's gpus in the stack file against `ray status` on the head"
+        )
+
+
 def prepare(spec: ServeSpec, log=lambda line: print(line, file=sys.stderr, flush=True)) -> tuple[list[str], dict[str, str]]:
     """Every check before the start, in the order a user would fix them; returns (argv, env) for vLLM."""
     log(f"waiting for the Ray cluster at {spec.cluster.ray_address} ({spec.cluster.expected_nodes} nodes, "
@@ -118,14 +119,11 @@ def prepare(spec: ServeSpec, log=lambda line: print(line, file=sys.stderr, flush
     state = wait_for_cluster(spec.cluster, report=log)
     log(f"Ray cluster ready: {state.nodes} nodes, {state.gpus:g} GPUs")
     check_model(spec.model_path)
+    check_layout(spec, state)
     quantization = resolve_quantization(spec.quantization, read_model_config(spec.model_path))
-    layout = resolve_layout(
-        spec.tensor_parallel_size, spec.pipeline_parallel_size,
-        nodes=spec.cluster.expected_nodes, gpus_per_node=spec.cluster.gpus_per_node,
-    )
-    command = build_vllm_command(spec, layout, quantization, vllm_version=installed_vllm_version())
+    command = build_vllm_command(spec, quantization, vllm_version=installed_vllm_version())
     log("starting vLLM: " + " ".join(command))
-    return command, vllm_environment(spec, layout, dict(os.environ))
+    return command, vllm_environment(spec, dict(os.environ))
 
 
 def launch(spec: ServeSpec) -> None:

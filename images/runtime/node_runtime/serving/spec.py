@@ -19,18 +19,7 @@ class ClusterSpec(_Strict):
     ray_address: str = Field(pattern=r"^[^:\s]+:\d{1,5}$", description="HEAD_IP:RAY_PORT")
     expected_nodes: int = Field(ge=1)
     expected_gpus: int = Field(ge=0, description="GPUs in the whole cluster")
-    gpus_per_node: int = Field(ge=0, description="GPUs on the smallest node; 0 on CPU")
     timeout_s: float = Field(gt=0)
-
-    @model_validator(mode="after")
-    def _gpus_add_up(self) -> "ClusterSpec":
-        if self.gpus_per_node * self.expected_nodes > self.expected_gpus:
-            raise ValueError(
-                f"cluster.gpus_per_node ({self.gpus_per_node}) x cluster.expected_nodes "
-                f"({self.expected_nodes}) exceeds cluster.expected_gpus ({self.expected_gpus}): "
-                "gpus_per_node is the smallest node's count, expected_gpus the cluster's total"
-            )
-        return self
 
 
 class ServeSpec(_Strict):
@@ -41,8 +30,12 @@ class ServeSpec(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(ge=1, le=65535)
     accelerator: Literal["dcu", "cpu"]
-    tensor_parallel_size: int = Field(0, ge=0, description="0 = GPUs per node")
-    pipeline_parallel_size: int = Field(0, ge=0, description="0 = auto")
+    # The concrete layout the program planned; the launcher checks it against what Ray reports.
+    tensor_parallel_size: int = Field(ge=1)
+    pipeline_parallel_size: int = Field(ge=1)
+    distributed_executor_backend: Literal["ray", "mp"] | None = Field(
+        None, description="vLLM's --distributed-executor-backend; null = one process"
+    )
     quantization: str = Field("none", min_length=1)
     dtype: str = "auto"
     max_num_seqs: int = Field(256, ge=1)
@@ -51,6 +44,10 @@ class ServeSpec(_Strict):
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
     extra_args: list[str] = []
     cluster: ClusterSpec
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
 
 
 class UpstreamServer(_Strict):

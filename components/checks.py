@@ -1,0 +1,70 @@
+"""Checks that need the whole stack: each problem is one line that starts with its stack key."""
+
+from __future__ import annotations
+
+from components.accelerators import PROFILES
+from components.plan import LayoutError, resolve_layout, server_port, server_port_key
+from components.schema import Model, StackConfig
+
+
+def _node_problems(config: StackConfig) -> list[str]:
+    problems: list[str] = []
+    addresses: dict[str, str] = {config.head.address: "head"}
+    labels: dict[str, str] = {config.head.label: "head"}
+    for i, worker in enumerate(config.workers):
+        key = f"workers[{i}]"
+        if worker.address in addresses:
+            other = addresses[worker.address]
+            fix = "a worker cannot be the head" if other == "head" else "list each machine once"
+            problems.append(f"{key}.address: {worker.address} is also {other}'s address; {fix}")
+        addresses.setdefault(worker.address, key)
+        if worker.label in labels:
+            problems.append(f"{key}.name: {worker.label!r} is also {labels[worker.label]}'s name; give each node its own name")
+        labels.setdefault(worker.label, key)
+
+    profile = PROFILES[config.accelerator]
+    for key, node in [("head", config.head)] + [(f"workers[{i}]", w) for i, w in enumerate(config.workers)]:
+        if problem := profile.gpu_count_problem(node.gpus):
+            problems.append(f"{key}.gpus: {problem}")
+    return problems
+
+
+def _model_problems(config: StackConfig) -> list[str]:
+    problems: list[str] = []
+    reserved = {config.api_port: "apiPort"}
+    served: dict[str, str] = {}
+    directories: dict[str, Model] = {}
+    profile = PROFILES[config.accelerator]
+    gpus = [node.gpus for node in config.nodes]
+    for i, model in enumerate(config.models):
+        key = f"models[{i}]"
+        if model.name in served:
+            problems.append(f"{key}.servedName: {model.name!r} is also {served[model.name]}'s served name; set a distinct servedName")
+        served.setdefault(model.name, key)
+        first = directories.setdefault(model.directory, model)
+        if (first.source, first.id, first.revision, first.local_path) != (model.source, model.id, model.revision, model.local_path):
+            problems.append(
+                f"{key}: it would use the directory {model.directory!r} under modelRoot, like another model "
+                "with a different source or revision; serve one revision per directory"
+            )
+        port, port_key = server_port(config, i), server_port_key(config, i)
+        if port in reserved:
+            problems.append(f"{port_key}: {port} collides with {reserved[port]}; give this model another port")
+        elif clash := config.ray_ports.collision(port):
+            problems.append(f"{port_key}: {port} collides with {clash}; give this model another port")
+        reserved.setdefault(port, key)
+        try:
+            resolve_layout(model, profile=profile, gpus=gpus)
+        except LayoutError as error:
+            problems.append(f"{key}.{error}")
+    return problems
+
+
+def stack_problems(config: StackConfig) -> list[str]:
+    """Every whole-stack problem, each naming its key (without the project prefix)."""
+    problems = _node_problems(config)
+    if clash := config.ray_ports.collision(config.api_port):
+        problems.append(f"apiPort: {config.api_port} collides with {clash}; pick another port, e.g. 8000")
+    if config.model_root == config.data_root:
+        problems.append("dataRoot: must differ from modelRoot; model files and Ray's state live apart")
+    return problems + _model_problems(config)

@@ -1,0 +1,310 @@
+"""The stack file's schema: every key's type, default and single-value check.
+
+Checks that need the whole stack live in components/checks.py; reading the stack's values from
+Pulumi lives in components/config.py. Models here are frozen: derived values are the plan's
+(components/plan.py), never computed twice.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import posixpath
+import re
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic.alias_generators import to_camel
+
+PROJECT = "vllm-dcu"
+
+# vLLM's own quantization method names (0.8.5 … 0.18 and the CPU build) plus the guide's aliases,
+# which the launcher resolves against the checkpoint's quantization_config.
+QUANTIZATION_ALIASES = ("none", "int8", "int4")
+QUANTIZATION_METHODS = (
+    "awq", "awq_marlin", "gptq", "gptq_marlin", "gptq_marlin_24", "fp8", "fbgemm_fp8",
+    "compressed-tensors", "moe_wna16", "bitsandbytes", "gguf", "marlin", "experts_int8",
+    "quark", "modelopt", "ipex", "deepspeedfp", "tpu_int8", "hqq", "auto-round", "inc",
+)
+DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
+
+# Flags the program sets itself from typed keys; passing them again through extraArgs would
+# silently fight the declared layout.
+MANAGED_VLLM_FLAGS = (
+    "--model", "--host", "--port", "--served-model-name", "--tensor-parallel-size", "-tp",
+    "--pipeline-parallel-size", "-pp", "--distributed-executor-backend", "--quantization", "-q",
+    "--dtype", "--max-num-seqs", "--max-num-batched-tokens", "--max-model-len",
+    "--gpu-memory-utilization", "--api-key",
+)
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+_IFNAME = re.compile(r"^[A-Za-z0-9_.:^,-]{1,64}$")
+# registry[:port]/path[:tag][@sha256:<64 hex>]
+_IMAGE_REF = re.compile(
+    r"^(?P<repo>[a-z0-9]+(?:[._-][a-z0-9]+)*(?::[0-9]+)?(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*)"
+    r"(?::(?P<tag>[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}))?"
+    r"(?:@(?P<digest>sha256:[a-f0-9]{64}))?$"
+)
+_SIZE = re.compile(r"^(?P<n>[0-9]+)(?P<unit>[kKmMgG]?)[bB]?$")
+_SIZE_MB = {"": 1 / (1024 * 1024), "k": 1 / 1024, "m": 1, "g": 1024}
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True
+    )
+
+
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+
+def _ip_address(value: str) -> str:
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise ValueError(
+            f"{value!r} is not an IP address; give the node's address on the cluster network, e.g. 10.0.0.11"
+        ) from None
+
+
+def _absolute_path(value: str) -> str:
+    if not value.startswith("/"):
+        raise ValueError(f"{value!r} is not absolute; use a path such as /data/models")
+    return posixpath.normpath(value)
+
+
+def _resource_name(value: str) -> str:
+    if not _NAME.match(value):
+        raise ValueError(f"{value!r}: use letters, digits, '.', '_' or '-' (at most 63)")
+    return value
+
+
+def _interface_name(value: str) -> str:
+    if not _IFNAME.match(value):
+        raise ValueError(f"{value!r} is not an interface name such as eth0 or ib0")
+    return value
+
+
+IPAddress = Annotated[str, AfterValidator(_ip_address)]
+AbsolutePath = Annotated[str, AfterValidator(_absolute_path)]
+ResourceName = Annotated[str, AfterValidator(_resource_name)]
+InterfaceName = Annotated[str, AfterValidator(_interface_name)]
+
+
+def shm_size_mb(value: str) -> int:
+    """Docker's shm size in MiB from '64g', '512m', '16GB'."""
+    match = _SIZE.match(value.strip())
+    if not match or int(match["n"]) == 0:
+        raise ValueError(f"{value!r} is not a size; write e.g. 16g or 512m")
+    return max(1, int(int(match["n"]) * _SIZE_MB[match["unit"].lower()]))
+
+
+class Node(_Model):
+    """One machine: the head or a worker."""
+
+    address: IPAddress
+    name: ResourceName | None = None
+    ssh_user: str | None = None
+    ssh_port: Port | None = None
+    gpus: int = Field(default=0, ge=0)
+    interface: InterfaceName | None = None
+
+    @property
+    def label(self) -> str:
+        """Stable resource-name part: survives reordering of the workers list."""
+        return self.name or self.address.replace(".", "-").replace(":", "-")
+
+
+class Model(_Model):
+    """One served model."""
+
+    id: str = Field(min_length=1)
+    source: Literal["huggingface", "modelscope", "local"] = "huggingface"
+    revision: str = Field(default="main", min_length=1)
+    local_path: AbsolutePath | None = None
+    served_name: ResourceName | None = None
+    port: Port | None = None
+    tensor_parallel_size: int = Field(default=0, ge=0)
+    pipeline_parallel_size: int = Field(default=0, ge=0)
+    max_num_seqs: int = Field(default=256, ge=1)
+    max_num_batched_tokens: int | None = Field(default=None, ge=1)
+    max_model_len: int | None = Field(default=None, ge=1)
+    quantization: str = "none"
+    dtype: str = "auto"
+    gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
+    extra_args: list[str] = []
+    allow_patterns: list[str] = []
+    ignore_patterns: list[str] = []
+
+    @field_validator("id")
+    @classmethod
+    def _check_id(cls, value: str) -> str:
+        parts = value.split("/")
+        if len(parts) > 2 or not all(_NAME.match(p) for p in parts):
+            raise ValueError(
+                f"{value!r} is not a repository id; write owner/name (e.g. meta-llama/Llama-3-8B-Instruct) or a bare name"
+            )
+        return value
+
+    @field_validator("quantization")
+    @classmethod
+    def _check_quantization(cls, value: str) -> str:
+        if value not in QUANTIZATION_ALIASES + QUANTIZATION_METHODS:
+            raise ValueError(
+                f"{value!r} is unknown; use none, int8, int4 or a vLLM method "
+                f"({', '.join(QUANTIZATION_METHODS[:6])}, ...)"
+            )
+        return value
+
+    @field_validator("dtype")
+    @classmethod
+    def _check_dtype(cls, value: str) -> str:
+        if value not in DTYPES:
+            raise ValueError(f"{value!r} is unknown; use one of {', '.join(DTYPES)}")
+        return value
+
+    @field_validator("extra_args")
+    @classmethod
+    def _check_extra_args(cls, value: list[str]) -> list[str]:
+        for arg in value:
+            flag = arg.split("=", 1)[0]
+            if flag in MANAGED_VLLM_FLAGS:
+                raise ValueError(
+                    f"{flag} is set from this model's own keys; remove it from extraArgs and set "
+                    "the matching key (tensorParallelSize, quantization, port, ...)"
+                )
+        return value
+
+    @model_validator(mode="after")
+    def _check_source(self) -> Model:
+        if self.source == "local" and self.local_path is None:
+            raise ValueError("source 'local' needs localPath: the model's absolute directory on the head")
+        if self.source != "local" and self.local_path is not None:
+            raise ValueError("localPath is only for source 'local'; remove it or set source: local")
+        return self
+
+    @property
+    def name(self) -> str:
+        """The name clients use, and the resource-name part of this model's server."""
+        return self.served_name or self.directory
+
+    @property
+    def directory(self) -> str:
+        """Directory under modelRoot: the repository's base name, as the guide downloads it."""
+        return posixpath.basename(self.local_path) if self.local_path else self.id.split("/")[-1]
+
+
+class RayPorts(_Model):
+    """Ray's ports; all must be open between the nodes."""
+
+    gcs: Port = 6379
+    dashboard: Port = 8265
+    object_manager: Port = 8076
+    node_manager: Port = 8077
+    client_server: Port = 10001
+    metrics_export: Port = 8090
+    min_worker: Port = 10002
+    max_worker: Port = 19999
+
+    @model_validator(mode="after")
+    def _check_distinct(self) -> RayPorts:
+        if self.min_worker >= self.max_worker:
+            raise ValueError("minWorker must be below maxWorker")
+        named = self.named()
+        seen: dict[int, str] = {}
+        for key, port in named.items():
+            if port in seen:
+                raise ValueError(f"{key} and {seen[port]} are both {port}; give each its own port")
+            seen[port] = key
+            if self.min_worker <= port <= self.max_worker:
+                raise ValueError(
+                    f"{key} ({port}) lies inside the worker port range {self.min_worker}-{self.max_worker}"
+                )
+        return self
+
+    def named(self) -> dict[str, int]:
+        """The single ports by stack key (the worker range excluded)."""
+        keys = ("gcs", "dashboard", "object_manager", "node_manager", "client_server", "metrics_export")
+        return {to_camel(k): getattr(self, k) for k in keys}
+
+    def collision(self, port: int) -> str | None:
+        """Which Ray port or range `port` would collide with, if any."""
+        for key, value in self.named().items():
+            if value == port:
+                return f"rayPorts.{key}"
+        if self.min_worker <= port <= self.max_worker:
+            return f"the Ray worker port range rayPorts.minWorker-maxWorker ({self.min_worker}-{self.max_worker})"
+        return None
+
+
+class Timeouts(_Model):
+    """Seconds: the deploy-time gates (cold starts of large models take minutes), and one request."""
+
+    cluster_ready: int = Field(default=900, ge=1)
+    model_download: int = Field(default=86400, ge=1)
+    # How long `pulumi up` waits for a new server to pass its health check.
+    server_ready: int = Field(default=1800, ge=1)
+    # How long the gateway waits for the next byte of one answer before giving up on it (504).
+    request: int = Field(default=600, ge=1)
+
+
+class StackConfig(_Model):
+    """Everything a stack file says, validated as a whole."""
+
+    cluster_name: ResourceName = "vllm"
+    accelerator: Literal["dcu", "cpu"] = "dcu"
+    head: Node
+    workers: list[Node] = []
+    ssh_user: str = "root"
+    ssh_port: Port = 22
+    local_docker: bool = False
+    base_image: str
+    image_registry: str | None = None
+    model_root: AbsolutePath = "/data/models"
+    data_root: AbsolutePath = "/data/vllm-dcu"
+    min_free_disk_gb: int = Field(default=50, ge=0)
+    shm_size: str = "64g"
+    ray_ports: RayPorts = RayPorts()
+    api_port: Port = 8000
+    api_bind_address: IPAddress = "0.0.0.0"
+    server_port_base: Port = 8100
+    nccl_socket_ifname: InterfaceName | None = None
+    gloo_socket_ifname: InterfaceName | None = None
+    mount_dtk: bool = False
+    max_batch_size: int = Field(default=64, ge=1)
+    gateway_workers: int = Field(default=1, ge=1, le=64)
+    timeouts: Timeouts = Timeouts()
+    models: list[Model] = Field(min_length=1)
+
+    @field_validator("base_image")
+    @classmethod
+    def _check_base_image(cls, value: str) -> str:
+        match = _IMAGE_REF.match(value)
+        if not match:
+            raise ValueError(
+                f"{value!r} is not an image reference; write registry/path/name:tag@sha256:<digest>"
+            )
+        if not match["digest"]:
+            raise ValueError(
+                f"{value!r} is not pinned by digest; append @sha256:<digest> "
+                "(`docker inspect --format '{{index .RepoDigests 0}}' IMAGE` prints it) so every node runs the same build"
+            )
+        return value
+
+    @field_validator("image_registry")
+    @classmethod
+    def _check_registry(cls, value: str | None) -> str | None:
+        if value is not None:
+            match = _IMAGE_REF.match(value)
+            if not match or match["tag"] or match["digest"]:
+                raise ValueError(f"{value!r} is not a repository such as registry.local:5000/vllm-dcu")
+        return value
+
+    @field_validator("shm_size")
+    @classmethod
+    def _check_shm(cls, value: str) -> str:
+        shm_size_mb(value)
+        return value
+
+    @property
+    def nodes(self) -> list[Node]:
+        return [self.head, *self.workers]

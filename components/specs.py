@@ -1,0 +1,184 @@
+"""Plain functions that build what the node containers run: Ray command lines, env, mounts, options,
+and the JSON specs the runtime reads (docs/runtime-contract.md). Pure: no Pulumi import.
+
+Every container of a node (Ray head or worker, model server, gateway) shares one base spec so a
+node's devices, address and interfaces cannot drift between them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from components.plan import ModelPlan, NodePlan, Plan
+from components.schema import shm_size_mb
+
+RESTART_POLICY = "unless-stopped"
+SERVER_ENTRY = ("node-runtime", "serve")
+GATEWAY_ENTRY = ("node-runtime", "gateway")
+SERVE_SPEC_ENV = "NODE_RUNTIME_SERVE_SPEC"
+GATEWAY_CONFIG_ENV = "NODE_RUNTIME_GATEWAY_CONFIG"
+API_KEY_ENV = "NODE_RUNTIME_API_KEY"
+
+
+@dataclass(frozen=True)
+class ContainerSpec:
+    """docker.Container keyword arguments that do not depend on other resources."""
+
+    name: str
+    command: list[str]
+    envs: dict[str, str]
+    devices: list[str]
+    group_adds: list[str]
+    capabilities: list[str]
+    security_opts: list[str]
+    bind_mounts: list[tuple[str, bool]]  # (path, read_only): same path on host and in container
+    shm_size_mb: int
+    network_mode: str = "host"
+    ipc_mode: str = "host"
+    # A model server is a Ray driver in a sibling container of the head; sharing the host's PID
+    # namespace keeps Ray's process bookkeeping between them consistent.
+    pid_mode: str | None = "host"
+    restart: str = RESTART_POLICY
+
+
+def node_env(plan: Plan, node: NodePlan) -> dict[str, str]:
+    """What Ray, vLLM and the collective libraries must agree on before `ray start`."""
+    config = plan.config
+    env = {
+        # One address for both Ray and vLLM, or placement groups never schedule.
+        "VLLM_HOST_IP": node.address,
+        "RAY_NODE_IP_ADDRESS": node.address,
+        "HF_HUB_OFFLINE": "1",
+    }
+    if node.nccl_interface:
+        env["NCCL_SOCKET_IFNAME"] = node.nccl_interface
+    if node.gloo_interface:
+        # vLLM's Ray executor does not forward GLOO_* to workers: it must be here on every node.
+        env["GLOO_SOCKET_IFNAME"] = node.gloo_interface
+    env.update(plan.profile.node_env(node.devices, mount_dtk=config.mount_dtk))
+    return env
+
+
+def node_container_spec(plan: Plan, node: NodePlan, role: str, command: list[str]) -> ContainerSpec:
+    config, profile = plan.config, plan.profile
+    mounts = [(config.model_root, False), (plan.ray_temp_dir, False)]
+    mounts += [(path, True) for path in profile.mounts(mount_dtk=config.mount_dtk)]
+    return ContainerSpec(
+        name=plan.container_name(role),
+        command=command,
+        envs=node_env(plan, node),
+        devices=list(profile.devices),
+        group_adds=list(profile.group_adds),
+        capabilities=list(profile.capabilities),
+        security_opts=list(profile.security_opts),
+        bind_mounts=mounts,
+        shm_size_mb=shm_size_mb(config.shm_size),
+    )
+
+
+def ray_start_command(plan: Plan, node: NodePlan) -> list[str]:
+    """`ray start --block` for the head or a worker joining it."""
+    ports = plan.config.ray_ports
+    common = [
+        f"--node-ip-address={node.address}",
+        f"--num-gpus={node.gpus}",
+        f"--object-manager-port={ports.object_manager}",
+        f"--node-manager-port={ports.node_manager}",
+        f"--min-worker-port={ports.min_worker}",
+        f"--max-worker-port={ports.max_worker}",
+        f"--metrics-export-port={ports.metrics_export}",
+        "--disable-usage-stats",
+        "--block",
+    ]
+    if node.role == "head":
+        role = [
+            "--head",
+            f"--port={ports.gcs}",
+            f"--temp-dir={plan.ray_temp_dir}",
+            "--dashboard-host=0.0.0.0",
+            f"--dashboard-port={ports.dashboard}",
+            f"--ray-client-server-port={ports.client_server}",
+        ]
+    else:
+        # Ray takes the temp dir from the head; workers keep theirs under the same dataRoot path.
+        role = [f"--address={plan.cluster.ray_address}"]
+    return ["ray", "start", *role, *common]
+
+
+def cluster_json(plan: Plan) -> dict[str, Any]:
+    """The `cluster` part of the serve spec and the gateway config."""
+    cluster = plan.cluster
+    return {
+        "ray_address": cluster.ray_address,
+        "expected_nodes": cluster.expected_nodes,
+        "expected_gpus": cluster.expected_gpus,
+        "timeout_s": cluster.timeout_s,
+    }
+
+
+def serve_spec(plan: Plan, model: ModelPlan) -> dict[str, Any]:
+    """The launcher's NODE_RUNTIME_SERVE_SPEC for one model (docs/runtime-contract.md): the concrete
+    layout, which the launcher checks against what Ray reports rather than working it out again."""
+    config = model.model
+    return {
+        "served_model_name": model.name,
+        "model_path": plan.model_path(config),
+        "host": "127.0.0.1",
+        "port": model.port,
+        "accelerator": plan.profile.name,
+        "tensor_parallel_size": model.layout.tensor_parallel_size,
+        "pipeline_parallel_size": model.layout.pipeline_parallel_size,
+        "distributed_executor_backend": model.executor,
+        "quantization": config.quantization,
+        "dtype": config.dtype,
+        "max_num_seqs": config.max_num_seqs,
+        "max_num_batched_tokens": config.max_num_batched_tokens,
+        "max_model_len": config.max_model_len,
+        "gpu_memory_utilization": config.gpu_memory_utilization,
+        "extra_args": list(config.extra_args),
+        "cluster": cluster_json(plan),
+    }
+
+
+def server_container_spec(plan: Plan, model: ModelPlan) -> ContainerSpec:
+    """The node's base spec on the head, running the launcher with this model's serve spec."""
+    spec = node_container_spec(plan, plan.head, f"server-{model.name}", list(SERVER_ENTRY))
+    spec.envs[SERVE_SPEC_ENV] = to_env_json(serve_spec(plan, model))
+    return spec
+
+
+def gateway_config(plan: Plan) -> dict[str, Any]:
+    """The gateway's NODE_RUNTIME_GATEWAY_CONFIG (docs/runtime-contract.md)."""
+    config = plan.config
+    return {
+        "host": config.api_bind_address,
+        "port": config.api_port,
+        "servers": [{"name": model.name, "url": f"http://127.0.0.1:{model.port}"} for model in plan.models],
+        "cluster": cluster_json(plan),
+        "max_batch_size": config.max_batch_size,
+        "request_timeout_s": config.timeouts.request,
+        "workers": config.gateway_workers,
+    }
+
+
+def gateway_container_spec(plan: Plan) -> ContainerSpec:
+    """No devices, no model files: HTTP on the host network (to reach the servers on 127.0.0.1).
+    Its cluster health check is a Ray driver on the head node, so like a model server it shares
+    the head's Ray session directory, IPC and PID namespaces."""
+    return ContainerSpec(
+        name=plan.container_name("gateway"),
+        command=list(GATEWAY_ENTRY),
+        envs={GATEWAY_CONFIG_ENV: to_env_json(gateway_config(plan))},
+        devices=[],
+        group_adds=[],
+        capabilities=[],
+        security_opts=[],
+        bind_mounts=[(plan.ray_temp_dir, False)],
+        shm_size_mb=64,
+    )
+
+
+def to_env_json(value: dict[str, Any]) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
