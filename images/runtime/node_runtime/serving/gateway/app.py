@@ -1,5 +1,6 @@
 """The gateway app: metrics outermost, then the POST routes (GenerationRoutes), then FastAPI for the GET
-routes and the lifespan, which makes the upstream client (aiohttp, see upstream.py).
+routes and the lifespan, which makes the upstream client (aiohttp, see upstream.py). All three are
+built from the one route table of routes.py.
 
 The two plain ASGI layers sit outside FastAPI, not inside as its middleware: a POST then skips
 Starlette's own outermost layers (the app-in-scope and server-error wrappers of every send).
@@ -7,40 +8,51 @@ Starlette's own outermost layers (the app-in-scope and server-error wrappers of 
 
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from starlette.responses import Response
 
 from node_runtime import __version__
-from node_runtime.serving.gateway import generate, openai_api, status
+from node_runtime.serving.gateway.auth import check_api_key
 from node_runtime.serving.gateway.errors import install_error_handlers
 from node_runtime.serving.gateway.generation_routes import GenerationRoutes
+from node_runtime.serving.gateway.health import ClusterMonitor
 from node_runtime.serving.gateway.metrics import RequestMetricsMiddleware, counted_worker
-from node_runtime.serving.gateway.upstream import ClusterMonitor, upstream_session
+from node_runtime.serving.gateway.routes import ROUTES, Route
+from node_runtime.serving.gateway.state import GatewayState
+from node_runtime.serving.gateway.upstream import upstream_session
 from node_runtime.serving.spec import GatewayConfig
 
 
 def create_app(config: GatewayConfig, api_key: str | None = None, *, cluster_ttl_s: float = 10.0) -> RequestMetricsMiddleware:
+    state = GatewayState(
+        config=config, api_key=api_key or None, servers={server.name: server for server in config.servers},
+        cluster=ClusterMonitor(config.cluster, ttl_s=cluster_ttl_s), endpoints=tuple(route.path for route in ROUTES),
+    )
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         with counted_worker():
             async with upstream_session(config.request_timeout_s) as session:
-                app.state.client = session
+                state.client = session
                 yield
 
     # No /docs, /redoc or /openapi.json: the API is OpenAI's plus docs/runtime-contract.md, and
     # every request would first be matched against those routes.
     app = FastAPI(title="node-runtime gateway", version=__version__, lifespan=lifespan,
                   docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.config = config
-    app.state.api_key = api_key or None
-    app.state.servers = {server.name: server for server in config.servers}
-    app.state.cluster = ClusterMonitor(config.cluster, ttl_s=cluster_ttl_s)
-    app.include_router(openai_api.router)
-    app.include_router(status.router)
+    for route in ROUTES:
+        if route.method == "GET":
+            app.add_api_route(route.path, _endpoint(route, state), methods=["GET"])
     install_error_handlers(app)
-    generation_routes = GenerationRoutes(app, app.state, handlers={
-        "/generate": generate.generate,
-        "/batch_generate": generate.batch_generate,
-        "/v1/completions": openai_api.forward,
-        "/v1/chat/completions": openai_api.forward,
-    })
-    return RequestMetricsMiddleware(generation_routes)
+    generation_routes = GenerationRoutes(app, state, [route for route in ROUTES if route.method == "POST"])
+    return RequestMetricsMiddleware(generation_routes, measured={route.path for route in ROUTES if route.measured})
+
+
+def _endpoint(route: Route, state: GatewayState):
+    """A FastAPI endpoint calling the table's handler as the fast path does: (state, scope, body)."""
+    async def endpoint(request: Request) -> Response:
+        if route.auth:
+            check_api_key(request.headers.get("authorization"), state.api_key)
+        return await route.handler(state, request.scope, b"")
+
+    return endpoint

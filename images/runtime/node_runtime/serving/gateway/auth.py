@@ -2,8 +2,6 @@
 
 import secrets
 
-from fastapi import Request
-
 from node_runtime.serving.gateway.errors import GatewayError
 
 
@@ -17,7 +15,3 @@ def check_api_key(authorization: str | None, expected: str | None) -> None:
             401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
             code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"},
         )
-
-
-async def require_api_key(request: Request) -> None:
-    check_api_key(request.headers.get("authorization"), request.app.state.api_key)

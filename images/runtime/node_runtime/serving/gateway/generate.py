@@ -1,6 +1,6 @@
 """The guide's endpoints: /generate and /batch_generate, served through vLLM's /v1/completions.
 
-Their handlers run in generation_routes.GenerationRoutes.
+Routed by the table of routes.py, through the POST fast path (generation_routes.py).
 """
 
 import asyncio
@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.responses import JSONResponse, Response
 
 from node_runtime.serving.gateway.errors import GatewayError, validation_message
+from node_runtime.serving.gateway.state import GatewayState
 from node_runtime.serving.gateway.upstream import pass_through, post_upstream, route
 from node_runtime.serving.spec import UpstreamServer
 
@@ -56,7 +57,7 @@ def parse(model: type[BaseModel], body: bytes):
         raise GatewayError(422, message, param=field, code="invalid_request") from None
 
 
-async def complete(state, scope: dict, server: UpstreamServer, body: dict, *, where: str | None = None) -> dict:
+async def complete(state: GatewayState, scope: dict, server: UpstreamServer, body: dict, *, where: str | None = None) -> dict:
     response, content = await post_upstream(state.client, scope, server, "/v1/completions", json.dumps(body).encode())
     if response.status == 200:
         return json.loads(content)
@@ -72,7 +73,7 @@ async def complete(state, scope: dict, server: UpstreamServer, body: dict, *, wh
     raise GatewayError(status, message, param=param, code="upstream_rejected")
 
 
-async def generate(state, scope: dict, body: bytes) -> Response:
+async def generate(state: GatewayState, scope: dict, body: bytes) -> Response:
     request = parse(GenerateRequest, body)
     server = route(state, scope, request.model)
     completion_body = request.completion_body(server, request.prompt, stream=request.stream)
@@ -83,7 +84,7 @@ async def generate(state, scope: dict, body: bytes) -> Response:
     return JSONResponse({"id": completion["id"], "model": server.name, **generation_result(completion)})
 
 
-async def batch_generate(state, scope: dict, body: bytes) -> Response:
+async def batch_generate(state: GatewayState, scope: dict, body: bytes) -> Response:
     request = parse(BatchGenerateRequest, body)
     limit = state.config.max_batch_size
     if len(request.prompts) > limit:

@@ -7,16 +7,15 @@ routes skip them; errors keep the one shape of errors.py. The GET routes stay Fa
 """
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 
 from starlette.responses import Response
 
 from node_runtime.serving.gateway.auth import check_api_key
 from node_runtime.serving.gateway.errors import GatewayError, unexpected_error_response
+from node_runtime.serving.gateway.routes import Route
+from node_runtime.serving.gateway.state import GatewayState
 from node_runtime.serving.gateway.upstream import header
-
-# (app.state, ASGI scope, request body) -> the response to send
-Handler = Callable[[object, dict, bytes], Awaitable[Response]]
 
 
 async def read_body(receive) -> bytes:
@@ -58,20 +57,20 @@ async def unless_client_leaves(receive, work: Awaitable[Response]) -> Response |
 
 
 class GenerationRoutes:
-    """ASGI middleware: POST `path` -> handlers[path]; any other request goes on to the app."""
+    """ASGI middleware: the POST routes of the table, by path; any other request goes on to the app."""
 
-    def __init__(self, app, state, handlers: dict[str, Handler]):
+    def __init__(self, app, state: GatewayState, routes: list[Route]):
         self.app = app
         self.state = state
-        self.handlers = handlers
+        self.routes = {route.path: route for route in routes}
 
     async def __call__(self, scope, receive, send):
-        handler = self.handlers.get(scope["path"]) if scope["type"] == "http" else None
-        if handler is None:
+        route = self.routes.get(scope["path"]) if scope["type"] == "http" else None
+        if route is None:
             await self.app(scope, receive, send)
             return
         try:
-            response = await self._answer(handler, scope, receive)
+            response = await self._answer(route, scope, receive)
         except GatewayError as error:
             response = error.response()
         except Exception:  # noqa: BLE001 — a bug is a 500 for the client, its traceback goes to the log
@@ -79,9 +78,10 @@ class GenerationRoutes:
         if response is not None:
             await response(scope, receive, send)
 
-    async def _answer(self, handler: Handler, scope, receive) -> Response | None:
+    async def _answer(self, route: Route, scope, receive) -> Response | None:
         if scope["method"] != "POST":
             raise GatewayError(405, f"{scope['path']} takes POST", code="method_not_allowed", headers={"Allow": "POST"})
-        check_api_key(header(scope, b"authorization"), self.state.api_key)
+        if route.auth:
+            check_api_key(header(scope, b"authorization"), self.state.api_key)
         body = await read_body(receive)
-        return await unless_client_leaves(receive, handler(self.state, scope, body))
+        return await unless_client_leaves(receive, route.handler(self.state, scope, body))

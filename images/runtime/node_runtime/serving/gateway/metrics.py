@@ -10,8 +10,7 @@ from pathlib import Path
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 from prometheus_client.parser import text_string_to_metric_families
 
-# Bounded labels only: endpoint from this fixed set, model from the configured servers.
-MEASURED_ENDPOINTS = frozenset({"/", "/generate", "/batch_generate", "/v1/models", "/v1/completions", "/v1/chat/completions"})
+# Bounded labels only: endpoint from the route table (routes.py), model from the configured servers.
 NO_MODEL = "none"
 
 REQUESTS = Counter("gateway_requests", "Requests answered, by endpoint, model and HTTP status", ["endpoint", "model", "status"])
@@ -22,7 +21,6 @@ LATENCY = Histogram(
 # livesum: with several workers, the sum over the live ones (ignored with one process).
 IN_FLIGHT = Gauge("gateway_requests_in_flight", "Requests being answered", ["endpoint"], multiprocess_mode="livesum")
 UPSTREAM_ERRORS = Counter("gateway_upstream_errors", "Failed calls to a model server", ["model", "kind"])
-_IN_FLIGHT_BY_ENDPOINT = {endpoint: IN_FLIGHT.labels(endpoint) for endpoint in MEASURED_ENDPOINTS}
 
 
 @functools.cache  # the labels are bounded, and .labels() is a locked lookup on every call
@@ -33,16 +31,19 @@ def _series(endpoint: str, model: str, status: int):
 class RequestMetricsMiddleware:
     """Plain ASGI middleware: counts a request once its response is fully sent (streams included).
 
-    Handlers name the model they routed to in request.state.model; /health and /metrics are left out.
+    Only the `measured` paths are counted (routes.py leaves out /health and /metrics); handlers name
+    the model they routed to in the scope's state.
     A request answered by nobody is counted with status 499 (nginx's "client closed request"): the
     gateway answers every error, so only a client that hung up first leaves one unanswered.
     """
 
-    def __init__(self, app):
+    def __init__(self, app, measured: set[str]):
         self.app = app
+        self.in_flight = {endpoint: IN_FLIGHT.labels(endpoint) for endpoint in measured}
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["path"] not in MEASURED_ENDPOINTS:
+        in_flight = self.in_flight.get(scope["path"]) if scope["type"] == "http" else None
+        if in_flight is None:
             await self.app(scope, receive, send)
             return
         endpoint = scope["path"]
@@ -54,7 +55,6 @@ class RequestMetricsMiddleware:
                 status = message["status"]
             await send(message)
 
-        in_flight = _IN_FLIGHT_BY_ENDPOINT[endpoint]
         in_flight.inc()
         started = time.perf_counter()
         try:

@@ -1,25 +1,21 @@
 """OpenAI-compatible /v1/*: routed by `model`, bodies and streams passed through untouched.
 
-The POST handlers run in generation_routes.GenerationRoutes; GET /v1/models is a FastAPI route.
+Routed by the table of routes.py: the POSTs take the fast path, GET /v1/models is a FastAPI route.
 """
 
 import json
 
-from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from starlette.responses import Response
 
-from node_runtime.serving.gateway.auth import require_api_key
 from node_runtime.serving.gateway.errors import GatewayError
+from node_runtime.serving.gateway.state import GatewayState
 from node_runtime.serving.gateway.upstream import pass_through, route
 
-router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
 
-
-@router.get("/models")
-async def models(request: Request):
+async def models(state: GatewayState, scope: dict, body: bytes) -> Response:
     return JSONResponse({"object": "list", "data": [
-        {"id": name, "object": "model", "owned_by": "node-runtime"} for name in request.app.state.servers
+        {"id": name, "object": "model", "owned_by": "node-runtime"} for name in state.servers
     ]})
 
 
@@ -37,7 +33,7 @@ def routing_fields(body: bytes) -> tuple[str | None, bool]:
     return model, payload.get("stream") is True
 
 
-async def forward(state, scope: dict, body: bytes) -> Response:
+async def forward(state: GatewayState, scope: dict, body: bytes) -> Response:
     """POST /v1/completions and /v1/chat/completions: to the same path on the model's server."""
     model, stream = routing_fields(body)
     return await pass_through(state.client, scope, route(state, scope, model), scope["path"], body, stream=stream)

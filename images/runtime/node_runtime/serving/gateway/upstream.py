@@ -1,4 +1,4 @@
-"""Talking to the model servers: routing by model, pass-through, health, and the cluster's state.
+"""Talking to the model servers: routing by model and pass-through.
 
 The upstream client is aiohttp's, not httpx (which STYLE.md suggests); measured evidence overrides
 the style guide here. Against a fixed-answer upstream on the same machine, swapping httpx's
@@ -11,17 +11,14 @@ bench/gateway/RESULTS.md has the figures and the command.
 
 import asyncio
 import random
-import time
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import aiohttp
 from fastapi.responses import Response, StreamingResponse
 
-from node_runtime.serving.cluster import ClusterState, ClusterUnreachable, probe_async
 from node_runtime.serving.gateway.errors import GatewayError
 from node_runtime.serving.gateway.metrics import UPSTREAM_ERRORS
-from node_runtime.serving.spec import ClusterSpec, UpstreamServer
+from node_runtime.serving.spec import UpstreamServer
 
 # Hop-by-hop headers belong to one connection; date and server are the gateway's own (uvicorn's).
 NOT_RELAYED = frozenset({
@@ -151,55 +148,3 @@ async def pass_through(session: aiohttp.ClientSession, scope: dict, server: Upst
     if content is not None:
         return Response(content, status_code=response.status, headers=headers)
     return StreamingResponse(_relay(response, server), status_code=response.status, headers=headers)
-
-
-async def server_problem(session: aiohttp.ClientSession, server: UpstreamServer) -> str | None:
-    """None when the server's own /health answers 200, else what is wrong."""
-    try:
-        async with session.get(base_url(server) + "/health", timeout=HEALTH_TIMEOUT) as response:
-            status = response.status
-    except (aiohttp.ClientError, asyncio.TimeoutError) as error:
-        return f"not reachable ({type(error).__name__})"
-    return None if status == 200 else f"its /health answered {status}"
-
-
-@dataclass(frozen=True)
-class ClusterReport:
-    state: ClusterState | None
-    problem: str | None
-
-    def as_json(self, spec: ClusterSpec) -> dict:
-        return {
-            "ray_address": spec.ray_address,
-            "nodes_alive": self.state.nodes if self.state else None,
-            "nodes_expected": spec.expected_nodes,
-            "gpus": self.state.gpus if self.state else None,
-            "gpus_expected": spec.expected_gpus,
-            "problem": self.problem,
-        }
-
-
-class ClusterMonitor:
-    """The Ray cluster's state, probed at most once per `ttl_s` however often /health is asked."""
-
-    def __init__(self, spec: ClusterSpec, ttl_s: float = 10.0, probe_timeout_s: float = 20.0):
-        self.spec = spec
-        self.ttl_s = ttl_s
-        self.probe_timeout_s = probe_timeout_s
-        self._report: ClusterReport | None = None
-        self._checked_at = float("-inf")
-        self._lock = asyncio.Lock()
-
-    async def report(self) -> ClusterReport:
-        async with self._lock:
-            if time.monotonic() - self._checked_at >= self.ttl_s:
-                self._report = await self._probe()
-                self._checked_at = time.monotonic()
-            return self._report
-
-    async def _probe(self) -> ClusterReport:
-        try:
-            state = await probe_async(self.spec.ray_address, self.probe_timeout_s)
-        except ClusterUnreachable as error:
-            return ClusterReport(None, str(error))
-        return ClusterReport(state, state.shortfall(self.spec))

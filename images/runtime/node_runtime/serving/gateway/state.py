@@ -1,0 +1,18 @@
+"""What every handler works with: one typed object made by create_app (app.py)."""
+
+from dataclasses import dataclass, field
+
+import aiohttp
+
+from node_runtime.serving.gateway.health import ClusterMonitor
+from node_runtime.serving.spec import GatewayConfig, UpstreamServer
+
+
+@dataclass
+class GatewayState:
+    config: GatewayConfig
+    api_key: str | None
+    servers: dict[str, UpstreamServer]
+    cluster: ClusterMonitor
+    endpoints: tuple[str, ...]  # every path the gateway answers, for the index page
+    client: aiohttp.ClientSession = field(init=False)  # made in the app's lifespan
