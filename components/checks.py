@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from components.accelerators import PROFILES
-from components.plan import LayoutError, resolve_layout, server_port, server_port_key
+from components.placement import PlacementError, place
+from components.plan import LayoutError, demands, replica_ports, resolve_layout, server_port, server_port_key
 from components.schema import Model, StackConfig
 
 
@@ -60,6 +61,33 @@ def _model_problems(config: StackConfig) -> list[str]:
     return problems
 
 
+def _placement_problems(config: StackConfig) -> list[str]:
+    """Replicas against the devices: they fit, at most one spans nodes, ports stay unique on every node."""
+    profile = PROFILES[config.accelerator]
+    wanted = demands(config, profile)
+    spanning = [d for d in wanted if d.spans_nodes]
+    if sum(d.replicas or 1 for d in spanning) > 1:
+        return [f"{spanning[-1].key}.replicas: only one replica in the stack may span nodes (Ray would place the "
+                "pipeline stages of two on whichever nodes are free); give the others a layout that fits one node"]
+    filling = [d for d in wanted if d.replicas == 0 and profile.has_gpus]
+    if len(filling) > 1:
+        return [f"{filling[1].key}.replicas: 0 (as many as fit) — only one model can take the devices left, "
+                f"and {filling[0].key} already does; give this one a number of replicas"]
+    try:
+        slots = place([node.gpus for node in config.nodes], wanted)
+    except PlacementError as error:
+        return [str(error)]
+    problems = []
+    seen: dict[tuple[int, int], str] = {}
+    for model_ports in replica_ports(config, slots):
+        for node, port, key in model_ports:
+            other = seen.setdefault((node, port), key)
+            if other != key:
+                problems.append(f"{key}: port {port} on {config.nodes[node].label} is also {other}'s (replicas sharing "
+                                "a node take port + 100, + 200, ...); give this model another port")
+    return problems
+
+
 def stack_problems(config: StackConfig) -> list[str]:
     """Every whole-stack problem, each naming its key (without the project prefix)."""
     problems = _node_problems(config)
@@ -67,4 +95,6 @@ def stack_problems(config: StackConfig) -> list[str]:
         problems.append(f"apiPort: {config.api_port} collides with {clash}; pick another port, e.g. 8000")
     if config.model_root == config.data_root:
         problems.append("dataRoot: must differ from modelRoot; model files and Ray's state live apart")
-    return problems + _model_problems(config)
+    problems += _model_problems(config)
+    # Placement needs valid nodes and layouts to say anything useful.
+    return problems or _placement_problems(config)

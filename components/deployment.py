@@ -43,14 +43,16 @@ class Deployment(pulumi.ComponentResource):
             ), child)
             for directory, model in plan.model_stores.items()
         }
+        hosts = {host.label: host for host in [head, *workers]}
         servers = [
             ModelServer(f"{name}-server-{model.name}", ModelServerArgs(
-                plan, model, head, image.image_ids[head.label], ray.ready, stores[model.directory].verified
+                plan, model, hosts, image.image_ids, ray.ready, stores[model.directory].verified, head.internal_key
             ), child)
             for model in plan.models
         ]
         gateway = Gateway(f"{name}-gateway", GatewayArgs(
-            plan, head, image.image_ids[head.label], [server.healthy for server in servers], secrets.api_key
+            plan, head, image.image_ids[head.label], [route for server in servers for route in server.routed],
+            head.internal_key, secrets.api_key,
         ), child)
 
         self.outputs = {
@@ -59,5 +61,6 @@ class Deployment(pulumi.ComponentResource):
             "imageIds": image.image_ids,
             "nodes": [host.summary for host in [head, *workers]],
             "models": [server.summary for server in servers],
+            "plan": plan.as_output(),
         }
         self.register_outputs(self.outputs)

@@ -9,7 +9,7 @@ import pulumi
 
 from components.host import Host
 from components.plan import Plan
-from components.specs import API_KEY_ENV, gateway_container_spec
+from components.specs import API_KEY_ENV, INTERNAL_KEY_ENV, gateway_container_spec
 
 
 @dataclass
@@ -17,25 +17,26 @@ class GatewayArgs:
     plan: Plan
     host: Host
     image_id: pulumi.Input[str]
-    servers_healthy: list[pulumi.Resource]
+    # Every replica's route: the gateway starts once all are up. Only ordering: a replica's change
+    # (a new route) never replaces the gateway.
+    routes: list[pulumi.Resource]
+    internal_key: pulumi.Input[str]
     api_key: pulumi.Input[str] | None = None
 
 
 class Gateway(pulumi.ComponentResource):
     def __init__(self, name: str, args: GatewayArgs, opts: pulumi.ResourceOptions | None = None):
         super().__init__("vllm-dcu:index:Gateway", name, None, opts)
-        secret_envs = None
-        if args.api_key is not None:
-            secret_envs = pulumi.Output.secret(
-                pulumi.Output.from_input(args.api_key).apply(lambda key: [f"{API_KEY_ENV}={key}"])
-            )
+        keys = pulumi.Output.all(args.internal_key, args.api_key).apply(
+            lambda keys: [f"{INTERNAL_KEY_ENV}={keys[0]}"] + ([f"{API_KEY_ENV}={keys[1]}"] if keys[1] else [])
+        )
         self.container = args.host.container(
             f"{name}-container",
             gateway_container_spec(args.plan),
             image=args.image_id,
             parent=self,
-            depends_on=args.servers_healthy,
-            secret_envs=secret_envs,
+            depends_on=args.routes,
+            secret_envs=pulumi.Output.secret(keys),
         )
         self.url = args.plan.gateway_url
         self.register_outputs({"containerId": self.container.id, "url": self.url})

@@ -29,6 +29,18 @@ def relay_key_script(key_path: str, comment: str) -> str:
     ])
 
 
+def internal_key_script(key_path: str) -> str:
+    """Make the replicas' internal key once (kept across runs), print it (a secret output, never logged)."""
+    key = shlex.quote(key_path)
+    return "\n".join([
+        "set -eu",
+        "umask 077",
+        f"mkdir -p {shlex.quote(key_path.rsplit('/', 1)[0])}",
+        f"[ -s {key} ] || od -An -N32 -tx1 /dev/urandom | tr -d ' \\n' > {key}",
+        f"cat {key}",
+    ])
+
+
 def authorize_key_script(public_key: str) -> str:
     line = shlex.quote(public_key.strip())
     return "\n".join([
@@ -63,6 +75,8 @@ class Host(pulumi.ComponentResource):
     # What must have run before anything is placed here: preflight, and on workers the relay key.
     ready: list[pulumi.Resource]
     relay_public_key: pulumi.Output[str] | None
+    # The head only: the key the replicas require and the gateway sends.
+    internal_key: pulumi.Output[str] | None
 
     def __init__(self, name: str, args: HostArgs, opts: pulumi.ResourceOptions | None = None):
         super().__init__("vllm-dcu:index:Host", name, None, opts)
@@ -81,7 +95,15 @@ class Host(pulumi.ComponentResource):
         )
         self.preflight = self.command(f"{name}-preflight", preflight_script(plan, node), parent=self)
         self.ready = [self.preflight]
-        self.relay_public_key = None
+        self.relay_public_key = self.internal_key = None
+        if node.role == "head":
+            self.internal_key = self.command(
+                f"{name}-internal-key",
+                internal_key_script(plan.internal_key_path),
+                parent=self,
+                depends_on=[self.preflight],
+                secret_output=True,
+            ).stdout
         if node.role == "head" and plan.workers:
             key = self.command(
                 f"{name}-relay-key",
@@ -114,16 +136,21 @@ class Host(pulumi.ComponentResource):
         depends_on: Sequence[pulumi.Resource] = (),
         timeout: int | None = None,
         aliases: Sequence[pulumi.Alias] = (),
+        secret_output: bool = False,
     ) -> command.remote.Command | command.local.Command:
-        """Declare a command on this machine: run over ssh, or locally for the local stack."""
+        """Declare a command on this machine: run over ssh, or locally for the local stack.
+
+        `secret_output`: its stdout is a secret — kept encrypted in the state and never logged."""
         limit = f"{timeout}s" if timeout else None
         opts = pulumi.ResourceOptions(
             parent=parent,
             depends_on=list(depends_on),
             custom_timeouts=pulumi.CustomTimeouts(create=limit, update=limit) if limit else None,
             aliases=list(aliases),
+            additional_secret_outputs=["stdout"] if secret_output else None,
         )
-        common: dict[str, Any] = dict(create=create, delete=delete, stdin=stdin, triggers=triggers)
+        common: dict[str, Any] = dict(create=create, delete=delete, stdin=stdin, triggers=triggers,
+                                      logging="none" if secret_output else None)
         if self._local:
             return command.local.Command(name, interpreter=["/bin/sh", "-c"], **common, opts=opts)
         return command.remote.Command(name, connection=self._connection, **common, opts=opts)
@@ -137,8 +164,13 @@ class Host(pulumi.ComponentResource):
         parent: pulumi.Resource,
         depends_on: Sequence[pulumi.Resource],
         secret_envs: pulumi.Input[list[str]] | None = None,
+        delete_before_replace: bool = False,
+        aliases: Sequence[pulumi.Alias] = (),
     ) -> docker.Container:
-        """Declare a container on this machine's Docker engine from a spec (components/specs.py)."""
+        """Declare a container on this machine's Docker engine from a spec (components/specs.py).
+
+        The provider replaces a container delete-before-replace (its name is fixed); saying so here
+        makes the order part of the program, which the rolling update relies on."""
         envs: pulumi.Input[list[str]] = [f"{k}={v}" for k, v in sorted(spec.envs.items())]
         if secret_envs is not None:
             envs = pulumi.Output.all(envs, secret_envs).apply(lambda parts: parts[0] + parts[1])
@@ -151,6 +183,7 @@ class Host(pulumi.ComponentResource):
             network_mode=spec.network_mode,
             ipc_mode=spec.ipc_mode,
             pid_mode=spec.pid_mode,
+            init=spec.init or None,
             shm_size=spec.shm_size_mb,
             restart=spec.restart,
             devices=[docker.ContainerDeviceArgs(host_path=d, container_path=d, permissions="rwm") for d in spec.devices],
@@ -163,5 +196,6 @@ class Host(pulumi.ComponentResource):
             ],
             # Model files and Ray's state are bind mounts: removing a container never touches them.
             remove_volumes=False,
-            opts=pulumi.ResourceOptions(parent=parent, provider=self.provider, depends_on=list(depends_on)),
+            opts=pulumi.ResourceOptions(parent=parent, provider=self.provider, depends_on=list(depends_on),
+                                        delete_before_replace=delete_before_replace or None, aliases=list(aliases)),
         )

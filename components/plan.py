@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from components.accelerators import PROFILES, Profile
+from components.placement import PORT_STRIDE, Demand, Slot, place
 from components.schema import Model, Node, StackConfig
 
 Role = Literal["head", "worker"]
@@ -47,9 +48,13 @@ class Layout:
 
 
 def resolve_layout(model: Model, *, profile: Profile, gpus: list[int]) -> Layout:
-    """The concrete (TP, PP) of `model` on nodes with `gpus` devices each. 0 = auto: TP = the GPUs of
-    one node, PP = the number of nodes (vLLM's multi-node advice); a pinned TP keeps PP 1 unless PP
-    is pinned too, so a model given a TP of its own leaves the other nodes to other models."""
+    """The concrete (TP, PP) of one replica of `model` on nodes with `gpus` devices each.
+
+    0 = auto. One replica: every device of the cluster, TP = the devices of one node and PP = the
+    nodes (vLLM's multi-node advice). Several replicas (or 0 = as many as fit): one whole node each.
+    A pinned TP keeps PP 1 unless PP is pinned too, so a model given a TP of its own leaves the other
+    devices to other replicas and models.
+    """
     tp, pp = model.tensor_parallel_size, model.pipeline_parallel_size
     if profile.single_process_reason:
         if tp > 1 or pp > 1:
@@ -60,10 +65,10 @@ def resolve_layout(model: Model, *, profile: Profile, gpus: list[int]) -> Layout
     if tp == 0:
         if len(set(gpus)) > 1:
             raise LayoutError(
-                f"tensorParallelSize: 0 (all GPUs) needs the same GPU count on every node, "
+                f"tensorParallelSize: 0 (a whole node per TP group) needs the same GPU count on every node, "
                 f"found {gpus}; set tensorParallelSize and pipelineParallelSize explicitly"
             )
-        tp, pp = gpus[0], pp or len(gpus)
+        tp, pp = gpus[0], pp or (len(gpus) if model.replicas == 1 else 1)
     layout = Layout(tp, pp or 1)
     world, total, smallest = layout.world_size, sum(gpus), min(gpus)
     if world > total:
@@ -71,12 +76,24 @@ def resolve_layout(model: Model, *, profile: Profile, gpus: list[int]) -> Layout
             f"tensorParallelSize: {tp} x pipelineParallelSize {layout.pipeline_parallel_size} = {world} GPUs, "
             f"but the cluster has {total}; lower them or add workers"
         )
+    if world <= max(gpus):
+        if not any(count % world == 0 for count in gpus if count >= world):
+            raise LayoutError(
+                f"tensorParallelSize: {tp} x pipelineParallelSize {layout.pipeline_parallel_size} = {world} devices "
+                f"splits every node unevenly ({', '.join(map(str, sorted(set(gpus))))} devices); use a divisor of a node's count"
+            )
+        return layout
+    if len(set(gpus)) > 1:
+        raise LayoutError(
+            f"tensorParallelSize: {tp} x pipelineParallelSize {layout.pipeline_parallel_size} = {world} GPUs spans "
+            f"nodes, which needs the same GPU count on every node (found {gpus}); use a layout that fits one node"
+        )
     if tp > smallest and tp % smallest:
         raise LayoutError(
             f"tensorParallelSize: {tp} does not fill whole nodes of {smallest} GPUs; "
             f"use a divisor of {smallest} or a multiple of it"
         )
-    if world > smallest and world % smallest:
+    if world % smallest:
         raise LayoutError(
             f"pipelineParallelSize: {tp} x {layout.pipeline_parallel_size} = {world} GPUs spans nodes without "
             f"filling them ({smallest} per node); make tensorParallelSize x pipelineParallelSize a multiple of it"
@@ -85,7 +102,7 @@ def resolve_layout(model: Model, *, profile: Profile, gpus: list[int]) -> Layout
 
 
 def server_port(config: StackConfig, index: int) -> int:
-    """The private port of models[index]'s server: its own `port`, else serverPortBase + index."""
+    """The private port of models[index]'s first replica on a node: its own `port`, else serverPortBase + index."""
     return config.models[index].port or config.server_port_base + index
 
 
@@ -108,20 +125,36 @@ class NodePlan:
     # The interfaces NCCL/RCCL and Gloo use there: the node's own, else the stack's; None = theirs to pick.
     nccl_interface: str | None
     gloo_interface: str | None
+    # The devices Ray owns there: those of the replicas that span nodes, and no other.
+    ray_devices: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ReplicaPlan:
+    index: int
+    home: NodePlan
+    # Every node it runs on, home first (one unless it spans nodes through Ray).
+    nodes: tuple[str, ...]
+    # The devices it uses on each of its nodes.
+    devices: tuple[int, ...]
+    port: int
+    # Where it listens: loopback on the head, the node's cluster address elsewhere (behind the internal key).
+    host: str
+    executor: str | None
+    container: str
+    id: str  # the gateway's name for it: "<served name>/<index>"
 
     @property
-    def devices(self) -> tuple[int, ...]:
-        return tuple(range(self.gpus))
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
 
 
 @dataclass(frozen=True)
 class ModelPlan:
     index: int
     model: Model
-    port: int
     layout: Layout
-    executor: str | None
-    container: str
+    replicas: tuple[ReplicaPlan, ...]
 
     @property
     def name(self) -> str:
@@ -134,7 +167,7 @@ class ModelPlan:
 
 @dataclass(frozen=True)
 class ClusterReadiness:
-    """What `cluster wait`, each server and the gateway's /health expect of Ray."""
+    """What `cluster wait` and the gateway's /health expect of Ray."""
 
     ray_address: str
     expected_nodes: int
@@ -168,6 +201,26 @@ class Plan:
         """The head's key for model and image distribution; it never leaves the head."""
         return f"{self.config.data_root}/ssh/relay_ed25519"
 
+    @property
+    def gateway_dir(self) -> str:
+        """The gateway's state on the head: its route files and the replicas' internal key."""
+        return f"{self.config.data_root}/gateway"
+
+    @property
+    def routes_dir(self) -> str:
+        return f"{self.gateway_dir}/routes"
+
+    @property
+    def internal_key_path(self) -> str:
+        return f"{self.gateway_dir}/internal_key"
+
+    @property
+    def gateway_metrics_url(self) -> str:
+        """The gateway's /metrics as seen on the head itself (drains read it there)."""
+        bind = self.config.api_bind_address
+        host = "127.0.0.1" if bind in ("0.0.0.0", "::") else bind
+        return f"http://{host}:{self.config.api_port}/metrics"
+
     def model_path(self, model: Model) -> str:
         """A model's directory, at the same absolute path on every node."""
         return posixpath.join(self.config.model_root, model.directory)
@@ -191,44 +244,89 @@ class Plan:
             stores.setdefault(model.directory, model)
         return stores
 
+    def as_output(self) -> dict[str, list[dict]]:
+        """Where everything lands (`pulumi stack output plan`): per model, per replica."""
+        return {
+            model.name: [
+                {"replica": replica.id, "nodes": list(replica.nodes), "devices": list(replica.devices),
+                 "tensorParallelSize": model.layout.tensor_parallel_size,
+                 "pipelineParallelSize": model.layout.pipeline_parallel_size,
+                 "executor": replica.executor or "single process", "url": replica.url}
+                for replica in model.replicas
+            ]
+            for model in self.models
+        }
+
 
 def _ssh_target(config: StackConfig, node: Node) -> SshTarget:
     return SshTarget(node.ssh_user or config.ssh_user, node.address, node.ssh_port or config.ssh_port)
 
 
-def _head_ports(config: StackConfig) -> tuple[tuple[int, str], ...]:
-    ports = [(port, f"rayPorts.{key}") for key, port in config.ray_ports.named().items()]
-    ports.append((config.api_port, "apiPort"))
-    ports += [(server_port(config, i), f"models[{i}].port") for i in range(len(config.models))]
-    return tuple(ports)
+def demands(config: StackConfig, profile: Profile) -> list[Demand]:
+    """What each model asks of the devices (raises LayoutError for a layout that cannot run)."""
+    gpus = [node.gpus for node in config.nodes]
+    found = []
+    for i, model in enumerate(config.models):
+        world = resolve_layout(model, profile=profile, gpus=gpus).world_size
+        found.append(Demand(f"models[{i}]", model.replicas, world, spans_nodes=bool(profile.has_gpus) and world > max(gpus)))
+    return found
 
 
-def _worker_ports(config: StackConfig) -> tuple[tuple[int, str], ...]:
+def replica_ports(config: StackConfig, slots: list[list[Slot]]) -> list[list[tuple[int, int, str]]]:
+    """Per model, per replica: (home node index, port, stack key). A model's replicas sharing a node
+    take its port, port + 100, port + 200, ..."""
+    return [
+        [(slot.nodes[0], server_port(config, i) + PORT_STRIDE * slot.ordinal, server_port_key(config, i))
+         for slot in model_slots]
+        for i, model_slots in enumerate(slots)
+    ]
+
+
+def node_ports(config: StackConfig) -> list[list[tuple[int, str]]]:
+    """Per node, the ports its preflight checks: Ray's, and the gateway's on the head. A replica's own
+    port is its launcher's to check, so adding one touches no host."""
     ray = config.ray_ports
-    return (
-        (ray.object_manager, "rayPorts.objectManager"),
-        (ray.node_manager, "rayPorts.nodeManager"),
-        (ray.metrics_export, "rayPorts.metricsExport"),
-    )
+    head = [(port, f"rayPorts.{key}") for key, port in ray.named().items()] + [(config.api_port, "apiPort")]
+    worker = [(ray.object_manager, "rayPorts.objectManager"), (ray.node_manager, "rayPorts.nodeManager"),
+              (ray.metrics_export, "rayPorts.metricsExport")]
+    return [head] + [list(worker) for _ in config.workers]
 
 
 def make_plan(config: StackConfig) -> Plan:
     """The plan of a validated config (components/checks.py has refused everything that does not fit)."""
     profile = PROFILES[config.accelerator]
     name = lambda role: f"{config.cluster_name}-{role}"  # noqa: E731
-
-    def node_plan(node: Node, role: Role, ports: tuple[tuple[int, str], ...]) -> NodePlan:
-        return NodePlan(node.label, role, node.address, node.gpus, _ssh_target(config, node), name(f"ray-{role}"), ports,
-                        node.interface or config.nccl_socket_ifname, node.interface or config.gloo_socket_ifname)
-
-    head = node_plan(config.head, "head", _head_ports(config))
-    workers = tuple(node_plan(node, "worker", _worker_ports(config)) for node in config.workers)
     gpus = [node.gpus for node in config.nodes]
+    wanted = demands(config, profile)
+    slots = place(gpus, wanted)
+    ports = node_ports(config)
+    ray_devices: list[set[int]] = [set() for _ in gpus]
+    for demand, model_slots in zip(wanted, slots):
+        for slot in model_slots if demand.spans_nodes else ():
+            for node in slot.nodes:
+                ray_devices[node].update(slot.devices)
+
+    def node_plan(i: int, node: Node) -> NodePlan:
+        role: Role = "head" if i == 0 else "worker"
+        return NodePlan(node.label, role, node.address, node.gpus, _ssh_target(config, node), name(f"ray-{role}"),
+                        tuple(ports[i]), node.interface or config.nccl_socket_ifname,
+                        node.interface or config.gloo_socket_ifname, tuple(sorted(ray_devices[i])))
+
+    nodes = [node_plan(i, node) for i, node in enumerate(config.nodes)]
     models = []
-    for i, model in enumerate(config.models):
+    for i, (model, demand, model_slots, model_ports) in enumerate(
+            zip(config.models, wanted, slots, replica_ports(config, slots))):
         layout = resolve_layout(model, profile=profile, gpus=gpus)
-        models.append(ModelPlan(i, model, server_port(config, i), layout, profile.executor_for(layout.world_size),
-                                name(f"server-{model.name}")))
-    cluster = ClusterReadiness(f"{config.head.address}:{config.ray_ports.gcs}", len(gpus), sum(gpus),
-                               config.timeouts.cluster_ready)
-    return Plan(config, profile, head, workers, tuple(models), cluster)
+        executor = "ray" if demand.spans_nodes else ("mp" if layout.world_size > 1 else None)
+        replicas = []
+        for r, (slot, (_, port, _)) in enumerate(zip(model_slots, model_ports)):
+            home = nodes[slot.nodes[0]]
+            replicas.append(ReplicaPlan(
+                r, home, tuple(nodes[n].label for n in slot.nodes), slot.devices, port,
+                "127.0.0.1" if home.role == "head" else home.address, executor,
+                name(f"server-{model.name}-{r}"), f"{model.name}/{r}",
+            ))
+        models.append(ModelPlan(i, model, layout, tuple(replicas)))
+    cluster = ClusterReadiness(f"{config.head.address}:{config.ray_ports.gcs}", len(nodes),
+                               sum(len(node.ray_devices) for node in nodes), config.timeouts.cluster_ready)
+    return Plan(config, profile, nodes[0], tuple(nodes[1:]), tuple(models), cluster)

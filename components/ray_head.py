@@ -22,7 +22,7 @@ class RayHead(pulumi.ComponentResource):
     def __init__(self, name: str, args: RayHeadArgs, opts: pulumi.ResourceOptions | None = None):
         super().__init__("vllm-dcu:index:RayHead", name, None, opts)
         plan, node = args.plan, args.plan.head
-        spec = node_container_spec(plan, node, "ray-head", ray_start_command(plan, node))
+        spec = node_container_spec(plan, node, "ray-head", ray_start_command(plan, node), node.ray_devices)
         self.container = args.host.container(
             f"{name}-container", spec, image=args.image_id, parent=self, depends_on=args.host.ready
         )

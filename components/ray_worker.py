@@ -24,7 +24,7 @@ class RayWorker(pulumi.ComponentResource):
     def __init__(self, name: str, args: RayWorkerArgs, opts: pulumi.ResourceOptions | None = None):
         super().__init__("vllm-dcu:index:RayWorker", name, None, opts)
         node = args.host.node
-        spec = node_container_spec(args.plan, node, "ray-worker", ray_start_command(args.plan, node))
+        spec = node_container_spec(args.plan, node, "ray-worker", ray_start_command(args.plan, node), node.ray_devices)
         self.container = args.host.container(
             f"{name}-container",
             spec,

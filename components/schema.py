@@ -123,6 +123,10 @@ class Model(_Model):
     local_path: AbsolutePath | None = None
     served_name: ResourceName | None = None
     port: Port | None = None
+    # Copies on disjoint devices behind the gateway; 0 = as many as fit in the devices left.
+    replicas: int = Field(default=1, ge=0)
+    # Per replica. 0 = auto: with one replica every device of the cluster (TP = a node's devices,
+    # PP = the nodes), with several one whole node each.
     tensor_parallel_size: int = Field(default=0, ge=0)
     pipeline_parallel_size: int = Field(default=0, ge=0)
     max_num_seqs: int = Field(default=256, ge=1)
@@ -245,6 +249,8 @@ class Timeouts(_Model):
     server_ready: int = Field(default=1800, ge=1)
     # How long the gateway waits for the next byte of one answer before giving up on it (504).
     request: int = Field(default=600, ge=1)
+    # How long a replica leaving on purpose may take to finish what it is answering before it is removed.
+    drain: int = Field(default=120, ge=1)
 
 
 class StackConfig(_Model):

@@ -8,10 +8,10 @@ node's devices, address and interfaces cannot drift between them.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
-from components.plan import ModelPlan, NodePlan, Plan
+from components.plan import ModelPlan, NodePlan, Plan, ReplicaPlan
 from components.schema import shm_size_mb
 
 RESTART_POLICY = "unless-stopped"
@@ -20,6 +20,10 @@ GATEWAY_ENTRY = ("node-runtime", "gateway")
 SERVE_SPEC_ENV = "NODE_RUNTIME_SERVE_SPEC"
 GATEWAY_CONFIG_ENV = "NODE_RUNTIME_GATEWAY_CONFIG"
 API_KEY_ENV = "NODE_RUNTIME_API_KEY"
+# The key every replica requires (vLLM reads VLLM_API_KEY) and the gateway sends: replicas off the
+# head listen on the cluster network.
+INTERNAL_KEY_ENV = "NODE_RUNTIME_INTERNAL_KEY"
+REPLICA_KEY_ENV = "VLLM_API_KEY"
 
 
 @dataclass(frozen=True)
@@ -37,13 +41,16 @@ class ContainerSpec:
     shm_size_mb: int
     network_mode: str = "host"
     ipc_mode: str = "host"
-    # A model server is a Ray driver in a sibling container of the head; sharing the host's PID
-    # namespace keeps Ray's process bookkeeping between them consistent.
+    # A Ray driver in a sibling container of its node's Ray (a server using Ray's executor, the gateway's
+    # cluster probe) shares the host's PID namespace, which keeps Ray's process bookkeeping consistent.
     pid_mode: str | None = "host"
+    # With a PID namespace of its own, an init as PID 1: when the main process dies, the kernel ends every
+    # other process of the container with it (no engine process left holding memory or devices).
+    init: bool = False
     restart: str = RESTART_POLICY
 
 
-def node_env(plan: Plan, node: NodePlan) -> dict[str, str]:
+def node_env(plan: Plan, node: NodePlan, devices: tuple[int, ...]) -> dict[str, str]:
     """What Ray, vLLM and the collective libraries must agree on before `ray start`."""
     config = plan.config
     env = {
@@ -57,18 +64,20 @@ def node_env(plan: Plan, node: NodePlan) -> dict[str, str]:
     if node.gloo_interface:
         # vLLM's Ray executor does not forward GLOO_* to workers: it must be here on every node.
         env["GLOO_SOCKET_IFNAME"] = node.gloo_interface
-    env.update(plan.profile.node_env(node.devices, mount_dtk=config.mount_dtk))
+    env.update(plan.profile.node_env(devices, mount_dtk=config.mount_dtk))
     return env
 
 
-def node_container_spec(plan: Plan, node: NodePlan, role: str, command: list[str]) -> ContainerSpec:
+def node_container_spec(plan: Plan, node: NodePlan, role: str, command: list[str],
+                        devices: tuple[int, ...]) -> ContainerSpec:
+    """The base of every container on a node that sees `devices` of it."""
     config, profile = plan.config, plan.profile
     mounts = [(config.model_root, False), (plan.ray_temp_dir, False)]
     mounts += [(path, True) for path in profile.mounts(mount_dtk=config.mount_dtk)]
     return ContainerSpec(
         name=plan.container_name(role),
         command=command,
-        envs=node_env(plan, node),
+        envs=node_env(plan, node, devices),
         devices=list(profile.devices),
         group_adds=list(profile.group_adds),
         capabilities=list(profile.capabilities),
@@ -83,7 +92,7 @@ def ray_start_command(plan: Plan, node: NodePlan) -> list[str]:
     ports = plan.config.ray_ports
     common = [
         f"--node-ip-address={node.address}",
-        f"--num-gpus={node.gpus}",
+        f"--num-gpus={len(node.ray_devices)}",
         f"--object-manager-port={ports.object_manager}",
         f"--node-manager-port={ports.node_manager}",
         f"--min-worker-port={ports.min_worker}",
@@ -118,19 +127,20 @@ def cluster_json(plan: Plan) -> dict[str, Any]:
     }
 
 
-def serve_spec(plan: Plan, model: ModelPlan) -> dict[str, Any]:
-    """The launcher's NODE_RUNTIME_SERVE_SPEC for one model (docs/runtime-contract.md): the concrete
-    layout, which the launcher checks against what Ray reports rather than working it out again."""
+def serve_spec(plan: Plan, model: ModelPlan, replica: ReplicaPlan) -> dict[str, Any]:
+    """The launcher's NODE_RUNTIME_SERVE_SPEC for one replica (docs/runtime-contract.md): the concrete
+    layout, which the launcher checks rather than working it out again; the Ray cluster it waits for
+    only when it runs on Ray."""
     config = model.model
     return {
         "served_model_name": model.name,
         "model_path": plan.model_path(config),
-        "host": "127.0.0.1",
-        "port": model.port,
+        "host": replica.host,
+        "port": replica.port,
         "accelerator": plan.profile.name,
         "tensor_parallel_size": model.layout.tensor_parallel_size,
         "pipeline_parallel_size": model.layout.pipeline_parallel_size,
-        "distributed_executor_backend": model.executor,
+        "distributed_executor_backend": replica.executor,
         "quantization": config.quantization,
         "dtype": config.dtype,
         "max_num_seqs": config.max_num_seqs,
@@ -138,35 +148,45 @@ def serve_spec(plan: Plan, model: ModelPlan) -> dict[str, Any]:
         "max_model_len": config.max_model_len,
         "gpu_memory_utilization": config.gpu_memory_utilization,
         "extra_args": list(config.extra_args),
-        "cluster": cluster_json(plan),
+        "cluster": cluster_json(plan) if replica.executor == "ray" else None,
     }
 
 
-def server_container_spec(plan: Plan, model: ModelPlan) -> ContainerSpec:
-    """The node's base spec on the head, running the launcher with this model's serve spec."""
-    spec = node_container_spec(plan, plan.head, f"server-{model.name}", list(SERVER_ENTRY))
-    spec.envs[SERVE_SPEC_ENV] = to_env_json(serve_spec(plan, model))
-    return spec
+def server_container_spec(plan: Plan, model: ModelPlan, replica: ReplicaPlan) -> ContainerSpec:
+    """The home node's base spec, seeing the replica's devices only, running the launcher with its serve spec.
+
+    A replica on Ray's executor is a Ray driver beside its node's Ray; any other has a PID namespace
+    of its own, so no engine process outlives its server."""
+    on_ray = replica.executor == "ray"
+    spec = node_container_spec(plan, replica.home, f"server-{model.name}-{replica.index}", list(SERVER_ENTRY),
+                               replica.devices)
+    spec.envs[SERVE_SPEC_ENV] = to_env_json(serve_spec(plan, model, replica))
+    if on_ray:
+        return spec
+    return replace(spec, pid_mode=None, init=True,
+                   bind_mounts=[m for m in spec.bind_mounts if m[0] != plan.ray_temp_dir])
 
 
 def gateway_config(plan: Plan) -> dict[str, Any]:
-    """The gateway's NODE_RUNTIME_GATEWAY_CONFIG (docs/runtime-contract.md)."""
+    """The gateway's NODE_RUNTIME_GATEWAY_CONFIG (docs/runtime-contract.md). Static: the replicas reach
+    the gateway through route files (components/model_server.py), so a replica change never restarts it."""
     config = plan.config
     return {
         "host": config.api_bind_address,
         "port": config.api_port,
-        "servers": [{"name": model.name, "url": f"http://127.0.0.1:{model.port}"} for model in plan.models],
+        "workers": config.gateway_workers,
+        "models": [model.name for model in plan.models],
+        "routes_dir": plan.routes_dir,
         "cluster": cluster_json(plan),
         "max_batch_size": config.max_batch_size,
         "request_timeout_s": config.timeouts.request,
-        "workers": config.gateway_workers,
     }
 
 
 def gateway_container_spec(plan: Plan) -> ContainerSpec:
-    """No devices, no model files: HTTP on the host network (to reach the servers on 127.0.0.1).
-    Its cluster health check is a Ray driver on the head node, so like a model server it shares
-    the head's Ray session directory, IPC and PID namespaces."""
+    """No devices, no model files: HTTP on the host network, the route files read-only. Its cluster
+    health check is a Ray driver on the head node, so like a server on Ray it shares the head's Ray
+    session directory, IPC and PID namespaces."""
     return ContainerSpec(
         name=plan.container_name("gateway"),
         command=list(GATEWAY_ENTRY),
@@ -175,7 +195,7 @@ def gateway_container_spec(plan: Plan) -> ContainerSpec:
         group_adds=[],
         capabilities=[],
         security_opts=[],
-        bind_mounts=[(plan.ray_temp_dir, False)],
+        bind_mounts=[(plan.ray_temp_dir, False), (plan.routes_dir, True)],
         shm_size_mb=64,
     )
 

@@ -2,7 +2,8 @@
 inputs, dependencies): what an existing stack would see change on its next `pulumi up`.
 
 A change to the graph made on purpose updates the recording (`python -m tests.support.graph
-tests/unit/graphs`) or, while the recording predates it, is listed in INTENDED with its reason.
+tests/unit/graphs`, reviewed in the diff) or, while the recording predates it, is listed in INTENDED
+with its reason. (Issue 10's restructure was proven against the graph before it in commit 931126c.)
 """
 
 import json
@@ -14,55 +15,14 @@ from tests.support.graph import STACKS, differences, stack_graph
 
 GRAPHS = Path(__file__).parent / "graphs"
 
-# Issue 10 (restructure): RayCluster now holds the Ray head, workers and readiness gate (aliases keep
-# their URNs); the serve spec carries the concrete layout; the gateway's request timeout has its own key.
-SERVER = {"dev": "vllm-server-Llama-3.1-70B-Instruct-container", "local": "vllm-server-SmolLM2-135M-Instruct-container"}
-INTENDED = {
-    stack: {
-        f"new vllm-dcu:index:RayCluster: urn:pulumi:{stack}::vllm-dcu::vllm-dcu:index:Deployment$vllm-dcu:index:RayCluster::vllm-ray",
-        f"input {SERVER[stack]}.envs",
-        "input vllm-gateway-container.envs",
-    }
-    for stack in STACKS
-}
-# Inside those env values, the keys that changed (JSON paths), and nothing else.
-SERVE_SPEC_CHANGES = {"tensor_parallel_size", "pipeline_parallel_size", "distributed_executor_backend", "cluster.gpus_per_node"}
-GATEWAY_CONFIG_CHANGES = {"request_timeout_s", "cluster.gpus_per_node"}
-
-
-def _flat(value, prefix=""):
-    if isinstance(value, dict):
-        return {k: v for key, item in value.items() for k, v in _flat(item, f"{prefix}{key}.").items()}
-    return {prefix.rstrip("."): value}
-
-
-def _env_json(node: dict, name: str) -> dict:
-    (value,) = [e.split("=", 1)[1] for e in node["inputs"]["envs"] if e.startswith(name + "=")]
-    return _flat(json.loads(value))
-
-
-def _changed_keys(before: dict, after: dict) -> set[str]:
-    return {k for k in set(before) | set(after) if before.get(k) != after.get(k)}
+# Changes made on purpose since the recording, each with its reason (none: the recording is current).
+INTENDED: dict[str, set[str]] = {stack: set() for stack in STACKS}
 
 
 @pytest.mark.parametrize("stack", STACKS)
 def test_the_graph_changes_only_as_intended(stack):
     before = json.loads((GRAPHS / f"graph-{stack}.json").read_text())
-    after = stack_graph(stack)
-    assert set(differences(before, after)) == INTENDED[stack]
-
-    def node(graph, name):
-        (found,) = [n for urn, n in graph.items() if urn.endswith("::" + name)]
-        return found
-
-    spec = [_env_json(node(g, SERVER[stack]), "NODE_RUNTIME_SERVE_SPEC") for g in (before, after)]
-    assert _changed_keys(*spec) <= SERVE_SPEC_CHANGES
-    gateway = [_env_json(node(g, "vllm-gateway-container"), "NODE_RUNTIME_GATEWAY_CONFIG") for g in (before, after)]
-    assert _changed_keys(*gateway) <= GATEWAY_CONFIG_CHANGES
-    # The other variables of those containers are unchanged.
-    for name in (SERVER[stack], "vllm-gateway-container"):
-        rest = [sorted(e for e in node(g, name)["inputs"]["envs"] if not e.startswith("NODE_RUNTIME_")) for g in (before, after)]
-        assert rest[0] == rest[1]
+    assert set(differences(before, stack_graph(stack))) == INTENDED[stack]
 
 
 def test_a_difference_is_found():

@@ -62,11 +62,14 @@ def test_plan_of_the_dev_stack():
     assert str(plan.workers[1].ssh) == "root@10.0.0.13:22" and plan.workers[1].ssh.url == "ssh://root@10.0.0.13:22"
     assert plan.head.nccl_interface == plan.head.gloo_interface == "eth0"
     (model,) = plan.models
-    assert (model.layout, model.executor, model.port) == (Layout(8, 3), "ray", 8100)
+    (replica,) = model.replicas
+    assert (model.layout, replica.executor, replica.port, replica.host) == (Layout(8, 3), "ray", 8100, "127.0.0.1")
+    assert replica.nodes == ("dcu-head", "dcu-worker-1", "dcu-worker-2") and replica.devices == tuple(range(8))
+    assert [node.ray_devices for node in plan.nodes] == [tuple(range(8))] * 3  # Ray owns what the spanning replica uses
     assert plan.model_path(model.model) == "/data/models/Llama-3.1-70B-Instruct"
     assert (plan.cluster.expected_nodes, plan.cluster.expected_gpus) == (3, 24)
     assert plan.gateway_url == "http://10.0.0.11:8000" and plan.dashboard_url == "http://10.0.0.11:8265"
-    assert (8100, "models[0].port") in plan.head.ports and (6379, "rayPorts.gcs") in plan.head.ports
+    assert (8000, "apiPort") in plan.head.ports and (6379, "rayPorts.gcs") in plan.head.ports
     assert {key for _, key in plan.workers[0].ports} == {"rayPorts.objectManager", "rayPorts.nodeManager",
                                                          "rayPorts.metricsExport"}
 

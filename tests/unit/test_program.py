@@ -105,8 +105,9 @@ def test_each_container_goes_to_its_own_host_provider(dev):
 def test_ordering_is_by_data(dev):
     head = dev.named("vllm-ray-head-container")
     ready = dev.named("vllm-ray-ready")
-    server = dev.named("vllm-server-Llama-3.1-70B-Instruct-container")
-    healthy = dev.named("vllm-server-Llama-3.1-70B-Instruct-healthy")
+    server = dev.named("vllm-server-Llama-3.1-70B-Instruct-0-container")
+    healthy = dev.named("vllm-server-Llama-3.1-70B-Instruct-0-healthy")
+    routed = dev.named("vllm-server-Llama-3.1-70B-Instruct-0-routed")
     gateway = dev.named("vllm-gateway-container")
     for worker in ("vllm-ray-dcu-worker-1-container", "vllm-ray-dcu-worker-2-container"):
         assert dev.depends_on(dev.named(worker), head)
@@ -117,7 +118,7 @@ def test_ordering_is_by_data(dev):
         assert dev.depends_on(server, verify)
     assert dev.depends_on(dev.named("vllm-model-Llama-3.1-70B-Instruct-dcu-worker-2-verify"),
                           dev.named("vllm-model-Llama-3.1-70B-Instruct-sync"))
-    assert dev.depends_on(gateway, healthy)
+    assert dev.depends_on(routed, healthy) and dev.depends_on(gateway, routed)
     assert not dev.depends_on(head, server)
 
 
@@ -129,8 +130,10 @@ def test_cluster_readiness_waits_for_every_node_and_gpu(dev):
 def test_preflight_checks_devices_disk_and_ports(dev):
     script = dev.named("vllm-dcu-head-preflight").inputs["create"]
     for expected in ("docker info", "/dev/kfd", "/dev/mkfd", "/dev/dri/renderD*", "df -Pk /data/models",
-                     "sport = :6379", "sport = :8000", "sport = :8100", "-ge 200"):
+                     "sport = :6379", "sport = :8000", "-ge 200"):
         assert expected in script, expected
+    # A replica's port is its launcher's to check: adding a replica touches no host.
+    assert "sport = :8100" not in script
     for container in dev.of_type(CONTAINER):
         host_label = "dcu-head" if "worker" not in container.name else container.name.split("vllm-ray-")[1].rsplit("-container")[0]
         assert dev.depends_on(container, dev.named(f"vllm-{host_label}-preflight"))
@@ -161,8 +164,9 @@ def test_image_streamed_from_head_with_relay_key(dev):
 
 
 def test_server_spec_and_gateway_config(dev):
-    server = dev.named("vllm-server-Llama-3.1-70B-Instruct-container")
+    server = dev.named("vllm-server-Llama-3.1-70B-Instruct-0-container")
     assert server.inputs["command"] == ["node-runtime", "serve"]
+    assert server.inputs["name"] == "vllm-server-Llama-3.1-70B-Instruct-0"
     spec = json.loads(env_of(server)["NODE_RUNTIME_SERVE_SPEC"])
     assert spec["model_path"] == "/data/models/Llama-3.1-70B-Instruct"
     assert spec["host"] == "127.0.0.1" and spec["port"] == 8100
@@ -172,14 +176,27 @@ def test_server_spec_and_gateway_config(dev):
     assert spec["distributed_executor_backend"] == "ray"
     gateway = dev.named("vllm-gateway-container")
     config = json.loads(env_of(gateway)["NODE_RUNTIME_GATEWAY_CONFIG"])
-    assert config["servers"] == [{"name": "Llama-3.1-70B-Instruct", "url": "http://127.0.0.1:8100"}]
+    assert config["models"] == ["Llama-3.1-70B-Instruct"]
+    assert config["routes_dir"] == "/data/vllm-dcu/gateway/routes"
     assert config["port"] == 8000 and config["workers"] == 4
+    route = dev.named("vllm-server-Llama-3.1-70B-Instruct-0-routed")
+    assert route.inputs["connection"]["host"] == "10.0.0.11"
+    assert '"url": "http://127.0.0.1:8100"' in route.inputs["create"]
+    assert "/data/vllm-dcu/gateway/routes/Llama-3.1-70B-Instruct-0.json" in route.inputs["create"]
+    assert "node-runtime gateway drain --replica Llama-3.1-70B-Instruct/0" in route.inputs["delete"]
 
 
 def test_secrets_stay_secret(dev):
     gateway = dev.named("vllm-gateway-container")
     assert "NODE_RUNTIME_API_KEY=sk-test-key" in gateway.inputs["envs"]
     assert "envs" in gateway.secret_paths
+    # The replicas' internal key: made on the head, a secret output never logged, in env only.
+    key = dev.named("vllm-dcu-head-internal-key")
+    assert key.inputs["logging"] == "none"
+    internal = [e for e in gateway.inputs["envs"] if e.startswith("NODE_RUNTIME_INTERNAL_KEY=")]
+    server = dev.named("vllm-server-Llama-3.1-70B-Instruct-0-container")
+    assert len(internal) == 1 and "envs" in server.secret_paths
+    assert any(e.startswith("VLLM_API_KEY=") for e in server.inputs["envs"])
     for resource in dev.resources:
         for key in ("create", "command"):
             assert "sk-test-key" not in json.dumps(resource.inputs.get(key, ""))
@@ -221,7 +238,7 @@ def test_changing_one_models_tp_replaces_only_that_models_server():
     a, b = _signature(before), _signature(after)
     assert set(a) == set(b)
     differing = {name for name in a if a[name] != b[name]}
-    assert differing == {"vllm-server-Qwen2.5-7B-Instruct-container"}
+    assert differing == {"vllm-server-Qwen2.5-7B-Instruct-0-container"}
 
 
 def test_adding_a_worker_leaves_existing_workers_alone():
@@ -237,8 +254,9 @@ def test_adding_a_worker_leaves_existing_workers_alone():
 
 def test_gateway_shares_the_heads_ray_session_directory(dev):
     gateway = dev.named("vllm-gateway-container")
-    mounts = {(m["source"], m["target"]) for m in gateway.inputs["mounts"]}
-    assert mounts == {("/data/vllm-dcu/ray", "/data/vllm-dcu/ray")}
+    mounts = {(m["source"], m["target"], m.get("readOnly", False)) for m in gateway.inputs["mounts"]}
+    assert mounts == {("/data/vllm-dcu/ray", "/data/vllm-dcu/ray", False),
+                      ("/data/vllm-dcu/gateway/routes", "/data/vllm-dcu/gateway/routes", True)}
     assert "devices" not in gateway.inputs or not gateway.inputs["devices"]
 
 

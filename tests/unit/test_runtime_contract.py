@@ -55,18 +55,14 @@ def test_declared_commands_parse_with_the_runtime_cli():
 
 
 @pytest.mark.parametrize("stack_file", STACK_FILES, ids=[p.name for p in STACK_FILES])
-def test_the_serve_spec_carries_the_layout_the_outputs_show(stack_file):
-    """One rule, in the plan: the launcher runs the TP x PP the program planned and reports."""
+def test_the_serve_spec_carries_the_plan_the_outputs_show(stack_file):
+    """One rule, in the plan: every replica runs the TP x PP, address and port the program planned and reports."""
     run = run_program(stack_config(stack_file), stack=stack_file.stem.split(".")[1])
     assert run.error is None, run.error
-    for model in run.outputs["models"]:
-        server = run.named(_server_name(run, model["name"]))
-        spec = ServeSpec.model_validate_json(env_of(server)["NODE_RUNTIME_SERVE_SPEC"])
-        assert (spec.tensor_parallel_size, spec.pipeline_parallel_size) == (
-            model["tensorParallelSize"], model["pipelineParallelSize"])
-        assert spec.port == model["port"]
-
-
-def _server_name(run, model: str) -> str:
-    (name,) = [r.name for r in run.resources if r.name.endswith(f"-server-{model}-container")]
-    return name
+    for model, replicas in run.outputs["plan"].items():
+        for index, replica in enumerate(replicas):
+            server = run.named(f"{stack_config(stack_file).get('clusterName', 'vllm')}-server-{model}-{index}-container")
+            spec = ServeSpec.model_validate_json(env_of(server)["NODE_RUNTIME_SERVE_SPEC"])
+            assert (spec.tensor_parallel_size, spec.pipeline_parallel_size) == (
+                replica["tensorParallelSize"], replica["pipelineParallelSize"])
+            assert f"http://{spec.host}:{spec.port}" == replica["url"]

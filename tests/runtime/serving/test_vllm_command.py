@@ -5,7 +5,8 @@ import pytest
 
 from node_runtime.serving.cluster import ClusterState
 from node_runtime.serving.launcher import (
-    LaunchError, build_vllm_command, check_layout, installed_vllm_version, request_log_flags, vllm_environment,
+    LaunchError, build_vllm_command, check_heads, check_layout, check_port, installed_vllm_version, request_log_flags,
+    vllm_environment,
 )
 from node_runtime.serving.spec import ServeSpec
 
@@ -53,10 +54,36 @@ def test_ray_executor_gets_the_cluster_address():
 
 
 def test_the_planned_layout_is_checked_against_ray():
-    check_layout(_spec(), ClusterState(nodes=3, gpus=24))
-    check_layout(_spec(**_CPU), ClusterState(nodes=1, gpus=0))  # vLLM's own executor: Ray's GPUs do not matter
+    check_layout(_spec(), ClusterState(nodes=3, gpus=24), {})
+    check_layout(_spec(**_CPU), None, {})  # vLLM's own executor on CPU: no devices to count
     with pytest.raises(LaunchError, match=r"TP 8 x PP 3 = 24 GPUs, but Ray reports 16"):
-        check_layout(_spec(), ClusterState(nodes=2, gpus=16))
+        check_layout(_spec(), ClusterState(nodes=2, gpus=16), {})
+
+
+def test_a_single_node_replica_needs_its_devices_in_view():
+    mp = _spec(tensor_parallel_size=4, pipeline_parallel_size=1, distributed_executor_backend="mp", cluster=None)
+    check_layout(mp, None, {"HIP_VISIBLE_DEVICES": "4,5,6,7"})
+    with pytest.raises(LaunchError, match=r"4 devices, but this container sees 2 \(HIP_VISIBLE_DEVICES='4,5'\)"):
+        check_layout(mp, None, {"HIP_VISIBLE_DEVICES": "4,5"})
+
+
+def test_a_taken_port_is_named():
+    import socket
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        with pytest.raises(LaunchError, match=rf"cannot listen on 127.0.0.1:{port} for Llama-3-8B-Instruct .*another port"):
+            check_port(_spec(port=port))
+    check_port(_spec(port=port))  # free again
+
+
+def test_tp_must_divide_the_attention_heads():
+    check_heads(_spec(), {"num_attention_heads": 64})
+    check_heads(_spec(), {})  # unknown: vLLM's own check remains
+    with pytest.raises(LaunchError, match=r"tensorParallelSize 8 does not divide the 28 attention heads .*1, 2, 4, 7, 14, 28"):
+        check_heads(_spec(), {"num_attention_heads": 28})
 
 
 def test_request_logging_flag_follows_the_vllm_version():

@@ -8,6 +8,7 @@ import importlib.metadata
 import json
 import os
 import re
+import socket
 import sys
 from pathlib import Path
 
@@ -17,6 +18,8 @@ from node_runtime.serving.quantization import resolve_quantization
 from node_runtime.serving.spec import ServeSpec
 
 VLLM_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
+# The variable through which a container sees its devices, per accelerator (none on CPU).
+VISIBLE_DEVICES = {"dcu": "HIP_VISIBLE_DEVICES"}
 
 
 class LaunchError(RuntimeError):
@@ -103,27 +106,69 @@ def check_model(model_path: str) -> None:
         )
 
 
-def check_layout(spec: ServeSpec, cluster: ClusterState) -> None:
-    """The planned layout against what Ray reports: a Ray executor needs a GPU per rank."""
-    if spec.distributed_executor_backend == "ray" and cluster.gpus < spec.world_size:
+def check_layout(spec: ServeSpec, cluster: ClusterState | None, environ: dict[str, str]) -> None:
+    """The planned layout against what this node offers: a Ray executor needs a GPU per rank from Ray;
+    vLLM's own executor needs as many devices as it has ranks among those the container sees."""
+    if spec.distributed_executor_backend == "ray":
+        if cluster is not None and cluster.gpus < spec.world_size:
+            raise LaunchError(
+                f"TP {spec.tensor_parallel_size} x PP {spec.pipeline_parallel_size} = {spec.world_size} GPUs, but Ray "
+                f"reports {cluster.gpus:g}: check each node's gpus in the stack file against `ray status` on the head"
+            )
+        return
+    variable = VISIBLE_DEVICES.get(spec.accelerator)
+    visible = [d for d in environ.get(variable, "").split(",") if d] if variable else None
+    if visible is not None and len(visible) < spec.world_size:
         raise LaunchError(
-            f"TP {spec.tensor_parallel_size} x PP {spec.pipeline_parallel_size} = {spec.world_size} GPUs, but Ray "
-            f"reports {cluster.gpus:g}: check each node's gpus in the stack file against `ray status` on the head"
+            f"TP {spec.tensor_parallel_size} x PP {spec.pipeline_parallel_size} = {spec.world_size} devices, but this "
+            f"container sees {len(visible)} ({variable}={environ.get(variable, '')!r}): the plan gives each replica "
+            "its own devices — re-run `pulumi up` so the container and its spec agree"
         )
 
 
-def prepare(spec: ServeSpec, log=lambda line: print(line, file=sys.stderr, flush=True)) -> tuple[list[str], dict[str, str]]:
+def check_port(spec: ServeSpec) -> None:
+    """The replica's port must be free on its node (another program, or a replica the plan put there)."""
+    with socket.socket(socket.AF_INET6 if ":" in spec.host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as vLLM's server binds it
+        try:
+            probe.bind((spec.host, spec.port))
+        except OSError as taken:
+            raise LaunchError(
+                f"cannot listen on {spec.host}:{spec.port} for {spec.served_model_name} ({taken.strerror}): stop what "
+                "listens there (ss -ltnp) or give this model another port (its `port`, or serverPortBase)"
+            ) from None
+
+
+def check_heads(spec: ServeSpec, model_config: dict) -> None:
+    """Tensor parallelism splits the attention heads: TP must divide their number (vLLM would stop later, less plainly)."""
+    heads = model_config.get("num_attention_heads") or model_config.get("text_config", {}).get("num_attention_heads")
+    if isinstance(heads, int) and heads % spec.tensor_parallel_size:
+        divisors = [n for n in range(1, heads + 1) if heads % n == 0 and n <= 64]
+        raise LaunchError(
+            f"tensorParallelSize {spec.tensor_parallel_size} does not divide the {heads} attention heads of "
+            f"{spec.model_path}: set the model's tensorParallelSize to one of {', '.join(map(str, divisors))}"
+        )
+
+
+def prepare(spec: ServeSpec, log=lambda line: print(line, file=sys.stderr, flush=True),
+            environ: dict[str, str] | None = None) -> tuple[list[str], dict[str, str]]:
     """Every check before the start, in the order a user would fix them; returns (argv, env) for vLLM."""
-    log(f"waiting for the Ray cluster at {spec.cluster.ray_address} ({spec.cluster.expected_nodes} nodes, "
-        f"{spec.cluster.expected_gpus} GPUs, up to {spec.cluster.timeout_s:g}s)")
-    state = wait_for_cluster(spec.cluster, report=log)
-    log(f"Ray cluster ready: {state.nodes} nodes, {state.gpus:g} GPUs")
+    environ = dict(os.environ) if environ is None else environ
+    state = None
+    if spec.cluster is not None:
+        log(f"waiting for the Ray cluster at {spec.cluster.ray_address} ({spec.cluster.expected_nodes} nodes, "
+            f"{spec.cluster.expected_gpus} GPUs, up to {spec.cluster.timeout_s:g}s)")
+        state = wait_for_cluster(spec.cluster, report=log)
+        log(f"Ray cluster ready: {state.nodes} nodes, {state.gpus:g} GPUs")
     check_model(spec.model_path)
-    check_layout(spec, state)
-    quantization = resolve_quantization(spec.quantization, read_model_config(spec.model_path))
+    check_layout(spec, state, environ)
+    check_port(spec)
+    model_config = read_model_config(spec.model_path)
+    check_heads(spec, model_config)
+    quantization = resolve_quantization(spec.quantization, model_config)
     command = build_vllm_command(spec, quantization, vllm_version=installed_vllm_version())
     log("starting vLLM: " + " ".join(command))
-    return command, vllm_environment(spec, dict(os.environ))
+    return command, vllm_environment(spec, environ)
 
 
 def launch(spec: ServeSpec) -> None:

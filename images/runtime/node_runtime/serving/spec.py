@@ -43,7 +43,8 @@ class ServeSpec(_Strict):
     max_model_len: int | None = Field(None, ge=1)
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
     extra_args: list[str] = []
-    cluster: ClusterSpec
+    # The Ray cluster to wait for: only a replica on Ray's executor runs on it.
+    cluster: ClusterSpec | None = None
 
     @property
     def world_size(self) -> int:
