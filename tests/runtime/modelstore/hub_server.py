@@ -8,20 +8,17 @@
 
 Errors use the Hub's `X-Error-Code` header (RepoNotFound, RevisionNotFound, EntryNotFound),
 which is how the client picks its exception. Private repos need `Authorization: Bearer TOKEN`.
-Every request is recorded (method, path, Range, Authorization present) for assertions;
-`throttle_bytes_per_s` slows file bodies so a test can interrupt a download.
+Requests are recorded, and file bodies throttled or cut, as protocol_server.py describes.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import re
-import threading
-import time
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote
+
+from protocol_server import ProtocolServer
 
 LFS_THRESHOLD = 10_000
 
@@ -40,48 +37,17 @@ class HubRepo:
 
 
 @dataclass
-class HubServer:
+class HubServer(ProtocolServer):
     repos: dict[str, HubRepo] = field(default_factory=dict)
-    requests: list[dict] = field(default_factory=list)
-    throttle_bytes_per_s: int | None = None
 
-    def start(self) -> str:
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
-            def do_HEAD(self):
-                server.handle(self, head=True)
-
-            def do_GET(self):
-                server.handle(self, head=False)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
-
-    def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-    # -------------------------------------------------------------- protocol
-
-    def handle(self, h: BaseHTTPRequestHandler, head: bool) -> None:
-        url = urlsplit(h.path)
-        path = url.path
-        self.requests.append({"method": h.command, "path": path, "range": h.headers.get("Range"),
-                              "auth": h.headers.get("Authorization") is not None})
+    def handle(self, h, record: dict, head: bool) -> None:
+        path = record["path"]
         if m := re.fullmatch(r"/api/models/([^/]+/[^/]+)/revision/(.+)", path):
             return self.repo_info(h, unquote(m[1]), unquote(m[2]))
         if m := re.fullmatch(r"/api/models/([^/]+/[^/]+)/tree/([^/]+)(/.*)?", path):
             return self.tree(h, unquote(m[1]), unquote(m[2]))
         if m := re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path):
-            return self.resolve_file(h, unquote(m[1]), unquote(m[2]), unquote(m[3]), head)
+            return self.resolve_file(h, record, unquote(m[1]), unquote(m[2]), unquote(m[3]), head)
         self.error(h, 404, None, "Not Found")
 
     def lookup(self, h, repo_id: str, revision: str) -> tuple[HubRepo, str] | None:
@@ -112,7 +78,7 @@ class HubServer:
                 entries.append(entry)
             self.json(h, entries)
 
-    def resolve_file(self, h, repo_id: str, revision: str, file_path: str, head: bool) -> None:
+    def resolve_file(self, h, record: dict, repo_id: str, revision: str, file_path: str, head: bool) -> None:
         found = self.lookup(h, repo_id, revision)
         if not found:
             return
@@ -121,56 +87,13 @@ class HubServer:
         if data is None:
             return self.error(h, 404, "EntryNotFound", f"{file_path} does not exist on {revision}")
         etag = hashlib.sha256(data).hexdigest() if len(data) >= LFS_THRESHOLD else git_blob_id(data)
-        start, end = 0, len(data)
-        status = 200
-        if (rng := h.headers.get("Range")) and (m := re.fullmatch(r"bytes=(\d+)-(\d*)", rng)):
-            start, end = int(m[1]), int(m[2]) + 1 if m[2] else len(data)
-            status = 206
-        h.send_response(status)
-        h.send_header("X-Repo-Commit", commit)
-        h.send_header("ETag", f'"{etag}"')
+        headers = {"X-Repo-Commit": commit, "ETag": f'"{etag}"'}
         if len(data) >= LFS_THRESHOLD:
-            h.send_header("X-Linked-Etag", f'"{etag}"')
-            h.send_header("X-Linked-Size", str(len(data)))
-        h.send_header("Accept-Ranges", "bytes")
-        h.send_header("Content-Length", str(end - start))
-        if status == 206:
-            h.send_header("Content-Range", f"bytes {start}-{end - 1}/{len(data)}")
-        h.end_headers()
-        if head:
-            return
-        view = memoryview(data)[start:end]
-        step = 64 * 1024
-        for offset in range(0, len(view), step):
-            try:
-                h.wfile.write(view[offset:offset + step])
-            except (BrokenPipeError, ConnectionResetError):
-                return
-            if self.throttle_bytes_per_s:
-                time.sleep(step / self.throttle_bytes_per_s)
+            headers |= {"X-Linked-Etag": f'"{etag}"', "X-Linked-Size": str(len(data))}
+        self.send_file(h, record, data, head, headers)
 
-    @staticmethod
-    def json(h, body) -> None:
-        data = json.dumps(body).encode()
-        h.send_response(200)
-        h.send_header("Content-Type", "application/json")
-        h.send_header("Content-Length", str(len(data)))
-        h.end_headers()
-        if h.command != "HEAD":
-            h.wfile.write(data)
-
-    @staticmethod
-    def error(h, status: int, code: str | None, message: str) -> None:
-        data = json.dumps({"error": message}).encode()
-        h.send_response(status)
-        if code:
-            h.send_header("X-Error-Code", code)
-        h.send_header("X-Error-Message", message)
-        h.send_header("Content-Type", "application/json")
-        h.send_header("Content-Length", str(len(data)))
-        h.end_headers()
-        if h.command != "HEAD":
-            h.wfile.write(data)
+    def error(self, h, status: int, code: str | None, message: str) -> None:
+        self.json(h, {"error": message}, status, {"X-Error-Message": message} | ({"X-Error-Code": code} if code else {}))
 
 
 def git_blob_id(data: bytes) -> str:

@@ -153,10 +153,11 @@ def test_permission_denied_names_the_model_root(hub):
 
 
 def test_interrupted_download_resumes_without_refetching_finished_files(hub, tmp_path):
-    # huggingface_hub 2.x resumes within one run with Range requests, and across runs per file:
-    # files finished in the staging dir are kept; a partial file starts over.
-    hub.repos["org/slow-model"] = HubRepo(files={"model.safetensors": os.urandom(3_000_000), "config.json": b"{}"}, commit="c" * 40)
-    hub.throttle_bytes_per_s = 1_000_000
+    # Files finished in the staging dir are kept; the file in flight continues from the bytes kept
+    # (huggingface_hub writes in 10 MiB chunks, so the file is big enough to keep some).
+    size = 24_000_000
+    hub.repos["org/slow-model"] = HubRepo(files={"model.safetensors": os.urandom(size), "config.json": b"{}"}, commit="c" * 40)
+    hub.throttle_bytes_per_s = 8_000_000
     root = tmp_path / "models"
     argv = [sys.executable, "-m", "node_runtime.modelstore.cli", "download", "--repo-id", "org/slow-model", "--model-root", str(root)]
     process = subprocess.Popen(argv, env=hub_env(hub), stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
@@ -164,9 +165,14 @@ def test_interrupted_download_resumes_without_refetching_finished_files(hub, tmp
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and not finished.exists():
         time.sleep(0.05)
+    partial = root / ".staging" / "slow-model" / ".partial" / "model.safetensors.part"
+    while time.monotonic() < deadline and not (partial.is_file() and partial.stat().st_size > 0):
+        time.sleep(0.05)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait(10)
     assert finished.exists()
+    held = partial.stat().st_size
+    assert 0 < held < size
     assert not (root / "slow-model").exists(), "an interrupted download must not appear as a model"
     listing = json.loads(run_cli("list", "--model-root", str(root), "--json").stdout)
     assert [(r["name"], r["complete"]) for r in listing] == [("slow-model", False)]
@@ -177,7 +183,60 @@ def test_interrupted_download_resumes_without_refetching_finished_files(hub, tmp
     assert result.returncode == 0, result.stderr
     fetched = [r["path"].rsplit("/", 1)[-1] for r in hub.requests[first_run:] if r["method"] == "GET" and "/resolve/" in r["path"]]
     assert fetched == ["model.safetensors"]
+    assert [r["range"] for r in hub.requests[first_run:] if r["method"] == "GET" and "/resolve/" in r["path"]] == [f"bytes={held}-"]
+    assert hub.sent_bytes(first_run) == size - held
     assert verify_manifest(root / "slow-model", "full").ok
+    assert not (root / "slow-model" / ".partial").exists()
+
+
+def test_a_broken_connection_resumes_within_the_run(hub, tmp_path):
+    # huggingface_hub writes what it received 10 MiB at a time and asks for the rest from there.
+    size, written = 24_000_000, 10 << 20
+    hub.repos["org/big-model"] = HubRepo(files={"model.safetensors": os.urandom(size)}, commit="b" * 40)
+    hub.cut_after_bytes = 15_000_000
+    root = tmp_path / "models"
+    result = run_cli("download", "--repo-id", "org/big-model", "--model-root", str(root), env=hub_env(hub))
+    assert result.returncode == 0, result.stderr
+    gets = [r for r in hub.requests if r["method"] == "GET" and "/resolve/" in r["path"]]
+    assert [(r["range"], r["sent"]) for r in gets] == [(None, 15_000_000), (f"bytes={written}-", size - written)]
+    assert verify_manifest(root / "big-model", "full").ok
+
+
+def test_a_staging_dir_of_another_revision_is_never_mixed_in(hub, tmp_path):
+    root = tmp_path / "models"
+    stale = root / ".staging" / "tiny-model"
+    stale.mkdir(parents=True)
+    (stale / "config.json").write_bytes(b'{"stale": true}')  # same name, other content, no origin record
+    result = run_cli("download", "--repo-id", "org/tiny-model", "--model-root", str(root), env=hub_env(hub))
+    assert result.returncode == 0, result.stderr
+    assert "starting over" in result.stderr
+    assert (root / "tiny-model" / "config.json").read_bytes() == make_repo_files()["config.json"]
+
+
+def test_the_endpoint_option_wins_over_hf_endpoint(hub, tmp_path):
+    root = tmp_path / "models"
+    result = run_cli("download", "--repo-id", "org/tiny-model", "--model-root", str(root), "--hf-endpoint", hub.url,
+                     env=hub_env(hub, HF_ENDPOINT="http://127.0.0.1:9"))
+    assert result.returncode == 0, result.stderr
+    bad = run_cli("download", "--repo-id", "org/tiny-model", "--model-root", str(root), "--hf-endpoint", "hf-mirror.com")
+    assert bad.returncode == 2 and "--hf-endpoint" in bad.stderr
+
+
+def test_hf_endpoint_set_after_huggingface_hub_was_imported_is_honoured(hub, tmp_path, monkeypatch):
+    # huggingface_hub reads HF_ENDPOINT once, at import; a caller setting it later must still reach the mirror.
+    code = (
+        "import os, sys, huggingface_hub\n"
+        "from pathlib import Path\n"
+        "from node_runtime.modelstore.download import DownloadRequest, download\n"
+        "os.environ['HF_ENDPOINT'] = sys.argv[1]\n"
+        "print(download(DownloadRequest(source='huggingface', repo_id='org/tiny-model', model_root=Path(sys.argv[2]))).revision)\n"
+    )
+    env = {k: v for k, v in hub_env(hub).items() if k != "HF_ENDPOINT"}
+    result = subprocess.run([sys.executable, "-c", code, hub.url, str(tmp_path / "models")], capture_output=True, text=True,
+                            timeout=120, env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == COMMIT
+    assert any("/resolve/" in r["path"] for r in hub.requests)
 
 
 def test_verify_reports_missing_and_corrupt_files_by_name(tmp_path):

@@ -47,6 +47,15 @@ RemoteExecOpt = Annotated[str, typer.Option("--remote-exec", help="Prefix that r
 SshConfigOpt = Annotated[Optional[Path], typer.Option("--ssh-config", help="ssh_config file (ssh -F) used for every hop; it must exist at that path on the nodes too.")]
 
 
+def _endpoint(value: Optional[str]) -> Optional[str]:
+    """An endpoint option: an http(s) URL; empty means the default."""
+    if not value:
+        return None
+    if not value.startswith(("http://", "https://")):
+        raise typer.BadParameter(f"{value!r} is not an http:// or https:// URL")
+    return value.rstrip("/")
+
+
 @app.command()
 @fails_cleanly
 def download(
@@ -58,8 +67,13 @@ def download(
     allow: Annotated[Optional[list[str]], typer.Option("--allow", help="Only files matching this glob (repeatable).")] = None,
     ignore: Annotated[Optional[list[str]], typer.Option("--ignore", help="Skip files matching this glob (repeatable).")] = None,
     local_dir: Annotated[Optional[Path], typer.Option("--local-dir", help="With --source local: the directory to adopt.")] = None,
+    hf_endpoint: Annotated[Optional[str], typer.Option("--hf-endpoint", callback=_endpoint, help="Hugging Face endpoint or mirror, e.g. https://hf-mirror.com (default: $HF_ENDPOINT, else https://huggingface.co).")] = None,
+    modelscope_endpoint: Annotated[Optional[str], typer.Option("--modelscope-endpoint", callback=_endpoint, help="ModelScope endpoint or mirror (default: $MODELSCOPE_ENDPOINT, else https://modelscope.cn).")] = None,
 ) -> None:
-    """Download a model into MODEL_ROOT/NAME, complete with its manifest (resumes an interrupted run)."""
+    """Download a model into MODEL_ROOT/NAME, complete with its manifest (resumes an interrupted run).
+
+    Each endpoint option applies to its own source only, so both may always be given.
+    """
     if local_dir is not None and source is not Source.local:
         raise typer.BadParameter("--local-dir only goes with --source local", param_hint="--local-dir")
     if source is Source.local and local_dir is None:
@@ -67,6 +81,7 @@ def download(
     result = run_download(DownloadRequest(
         source=source.value, repo_id=repo_id, model_root=model_root, revision=revision, name=name,
         allow=allow or [], ignore=ignore or [], local_dir=local_dir,
+        hf_endpoint=hf_endpoint, modelscope_endpoint=modelscope_endpoint,
     ))
     state = "already present" if result.already_present else "downloaded"
     typer.echo(f"{state}: {result.path} ({repo_id}@{result.revision}, {human_size(result.size)})")

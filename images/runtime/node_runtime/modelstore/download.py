@@ -6,23 +6,41 @@ is written there last, and the directory is renamed to `{root}/{dir}` in one ste
 file lock (`{root}/.locks/{dir}.lock`) serialises concurrent downloads of the same model.
 An existing `{root}/{dir}` is never overwritten: the same model is reported as present,
 anything else is an error that says how to proceed.
+
+Resuming: a file is only ever in staging under its own name once complete; the bytes of the
+file in flight stay beside it (Hugging Face: `.partial/{path}.part`, ModelScope: the SDK's own
+`{path}.incomplete`) and the next attempt asks the hub for the rest with an HTTP Range request —
+after a broken connection within a run, and after a killed run. `.partial/origin.json` records
+what the staging directory is a download of (source, repository, resolved revision, patterns):
+a staging directory left by a download of anything else is discarded, never mixed in.
+
+Endpoints (mirrors): `hf_endpoint` / `modelscope_endpoint`, else the SDK's own environment
+variable read when the download starts (HF_ENDPOINT, MODELSCOPE_ENDPOINT), else the public hub.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import re
 import shutil
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from filelock import FileLock, Timeout
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from node_runtime.modelstore.manifest import ManifestError, read_manifest, verify_against, write_manifest
-from node_runtime.modelstore.store import LOCKS_DIR, STAGING_DIR, ModelStoreError, human_size
+from node_runtime.modelstore.manifest import ManifestError, atomic_write_bytes, read_manifest, verify_against, write_manifest
+from node_runtime.modelstore.store import LOCKS_DIR, PARTIAL_DIR, STAGING_DIR, ModelStoreError, human_size
 
 SOURCES = ("huggingface", "modelscope", "local")
+HF_ENDPOINT_ENV = "HF_ENDPOINT"
+MODELSCOPE_ENDPOINT_ENV = "MODELSCOPE_ENDPOINT"
+MODELSCOPE_TOKEN_ENV = "MODELSCOPE_API_TOKEN"
+ORIGIN_FILE = "origin.json"
+HF_PARALLEL_FILES = 8
 # Room left free beyond the model itself, for the manifest, filesystem overhead and the OS.
 FREE_DISK_MARGIN = 64 << 20
 
@@ -37,10 +55,45 @@ class DownloadRequest:
     allow: list[str] = field(default_factory=list)
     ignore: list[str] = field(default_factory=list)
     local_dir: Path | None = None
+    hf_endpoint: str | None = None
+    modelscope_endpoint: str | None = None
 
     @property
     def dir_name(self) -> str:
         return model_dir_name(self.repo_id, self.name)
+
+
+class Origin(BaseModel):
+    """What a staging directory is a download of; bytes of another origin are never reused."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    source: str
+    repo_id: str
+    revision: str = Field(description="as resolved: the commit on Hugging Face, the branch or tag on ModelScope")
+    allow: tuple[str, ...]
+    ignore: tuple[str, ...]
+    local_dir: str | None = None
+
+    @classmethod
+    def of(cls, request: DownloadRequest, revision: str) -> Origin:
+        local_dir = str(request.local_dir.absolute()) if request.local_dir else None
+        return cls(source=request.source, repo_id=request.repo_id, revision=revision, allow=tuple(request.allow),
+                   ignore=tuple(request.ignore), local_dir=local_dir)
+
+
+def claim_staging(staging: Path, origin: Origin) -> None:
+    """Make `staging` the download of `origin`: keep what it holds if it is, start over if not."""
+    marker = staging / PARTIAL_DIR / ORIGIN_FILE
+    try:
+        held = Origin.model_validate_json(marker.read_bytes())
+    except (OSError, ValidationError):
+        held = None
+    if held != origin and staging.exists():
+        if held or any(staging.iterdir()):
+            print(f"starting over: {staging} held an unfinished download of something else", file=sys.stderr)
+        shutil.rmtree(staging)
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(marker, origin.model_dump_json().encode())
 
 
 @dataclass
@@ -104,6 +157,7 @@ def download(request: DownloadRequest) -> DownloadResult:
         # A second look after the (possibly long) fetch: the lock covers us, but not a user's `mv`.
         if target.exists():
             raise ModelStoreError(f"{target} appeared during the download; the new copy stays in {staging}")
+        shutil.rmtree(staging / PARTIAL_DIR, ignore_errors=True)
         manifest = write_manifest(staging, source=request.source, repo_id=request.repo_id, revision=revision)
         os.rename(staging, target)
         return DownloadResult(target, revision, manifest.total_size, already_present=False)
@@ -164,6 +218,7 @@ def _fetch_local(request: DownloadRequest, staging: Path) -> str:
         raise ModelStoreError("--source local needs --local-dir PATH (the directory to adopt)")
     if not source.is_dir():
         raise ModelStoreError(f"--local-dir {source} is not a directory")
+    claim_staging(staging, Origin.of(request, request.revision or "local"))
     needed = sum(f.stat().st_size for f in source.rglob("*") if f.is_file())
     check_free_disk(staging.parent, needed)
     try:
@@ -173,27 +228,56 @@ def _fetch_local(request: DownloadRequest, staging: Path) -> str:
     return request.revision or "local"
 
 
+def hf_endpoint(request: DownloadRequest) -> str:
+    """The Hugging Face endpoint of this download, read now: huggingface_hub reads HF_ENDPOINT once, at import."""
+    from huggingface_hub import constants
+
+    return (request.hf_endpoint or os.environ.get(HF_ENDPOINT_ENV) or constants.ENDPOINT).rstrip("/")
+
+
 def _fetch_huggingface(request: DownloadRequest, staging: Path) -> str:
     """Download with huggingface_hub into `staging`; returns the commit the revision resolved to.
 
-    The token comes only from the environment (`HF_TOKEN`, read by huggingface_hub itself);
-    `HF_ENDPOINT` selects a mirror. huggingface_hub keeps partial files in
-    `staging/.cache/huggingface/` and resumes them with HTTP range requests.
+    huggingface_hub resolves the revision and plans the files (its own allow/ignore rules); each
+    file then comes through its `http_get`, which retries a broken connection from the last byte
+    it wrote (it writes 10 MiB at a time). The bytes go to `.partial/{path}.part`, which a later run continues, and the file
+    is moved to its place once whole. The token comes only from the environment (`HF_TOKEN`,
+    read by huggingface_hub itself).
     """
-    import httpx
-    from huggingface_hub import HfApi, constants, snapshot_download
+    from huggingface_hub import HfApi, hf_hub_url, snapshot_download
     from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.file_download import http_get
+    from huggingface_hub.utils import build_hf_headers
+    from httpx2 import TransportError
 
-    endpoint = constants.ENDPOINT
+    endpoint = hf_endpoint(request)
     revision = request.revision or "main"
     patterns = {"allow_patterns": request.allow or None, "ignore_patterns": request.ignore or None}
     try:
-        commit = HfApi().repo_info(request.repo_id, revision=revision).sha
-        planned = snapshot_download(request.repo_id, revision=commit, local_dir=staging, dry_run=True, **patterns)
+        commit = HfApi(endpoint=endpoint).repo_info(request.repo_id, revision=revision).sha
+        claim_staging(staging, Origin.of(request, commit))
+        # Planned as into an empty cache: with `local_dir` the plan would hash every finished file again.
+        planned = snapshot_download(request.repo_id, revision=commit, cache_dir=staging / ".cache" / "huggingface",
+                                    endpoint=endpoint, dry_run=True, **patterns)
         if not planned:
             raise ModelStoreError(f"no files of {request.repo_id}@{revision} match --allow/--ignore; check the patterns")
-        check_free_disk(staging.parent, sum(f.file_size or 0 for f in planned if f.will_download))
-        snapshot_download(request.repo_id, revision=commit, local_dir=staging, **patterns)
+        wanted = [(f.filename, f.file_size) for f in planned if not _is_whole(staging / f.filename, f.file_size)]
+        check_free_disk(staging.parent, sum((size or 0) - _partial_bytes(staging, path) for path, size in wanted))
+        headers = build_hf_headers()
+
+        def fetch(path: str, size: int | None) -> None:
+            partial = staging / PARTIAL_DIR / f"{path}.part"
+            partial.parent.mkdir(parents=True, exist_ok=True)
+            with partial.open("ab") as out:
+                http_get(hf_hub_url(request.repo_id, path, revision=commit, endpoint=endpoint), out,
+                         resume_size=out.tell(), headers=headers, expected_size=size, displayed_filename=path)
+            (staging / path).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(partial, staging / path)
+
+        # As many files at once as snapshot_download fetches (its max_workers).
+        with ThreadPoolExecutor(HF_PARALLEL_FILES) as pool:
+            for done in [pool.submit(fetch, path, size) for path, size in wanted]:
+                done.result()
     except RevisionNotFoundError:
         raise ModelStoreError(f"revision {revision!r} not found in {request.repo_id} on {endpoint}; check --revision") from None
     except GatedRepoError:
@@ -202,8 +286,8 @@ def _fetch_huggingface(request: DownloadRequest, staging: Path) -> str:
         raise ModelStoreError(
             f"repository {request.repo_id} not found on {endpoint}; check --repo-id, and if it is private set HF_TOKEN in the environment"
         ) from None
-    except (LocalEntryNotFoundError, httpx.TransportError) as exc:
-        raise ModelStoreError(f"cannot download from {endpoint} ({type(exc).__name__}); check the network, or set HF_ENDPOINT to a reachable mirror") from None
+    except (LocalEntryNotFoundError, TransportError) as exc:
+        raise ModelStoreError(f"cannot download from {endpoint} ({type(exc).__name__}); check the network, or set --hf-endpoint to a reachable mirror") from None
     except HfHubHTTPError as exc:
         raise ModelStoreError(f"download of {request.repo_id} from {endpoint} failed: {str(exc).splitlines()[0]}") from None
     except PermissionError as exc:
@@ -211,29 +295,73 @@ def _fetch_huggingface(request: DownloadRequest, staging: Path) -> str:
     return commit
 
 
+def _is_whole(path: Path, size: int | None) -> bool:
+    """Whether a file of this download is in place (only whole files ever are: see `claim_staging`)."""
+    return path.is_file() and (size is None or path.stat().st_size == size)
+
+
+def _partial_bytes(staging: Path, path: str) -> int:
+    partial = staging / PARTIAL_DIR / f"{path}.part"
+    return partial.stat().st_size if partial.is_file() else 0
+
+
 def _fetch_modelscope(request: DownloadRequest, staging: Path) -> str:
-    """Download with the modelscope package's own `snapshot_download` (optional dependency)."""
+    """Download with the modelscope SDK's own `snapshot_download` (optional dependency); returns the revision.
+
+    ModelScope revisions are branches and tags (its SDK checks them against the repository's
+    list, as done here): pin a tag. The SDK resumes by itself: a file in flight is
+    `{path}.incomplete` beside its place, continued with a Range request after a broken
+    connection and by a later run; a whole file is checked against the listing's SHA-256.
+    """
     try:
         from modelscope.hub.api import HubApi
         from modelscope.hub.snapshot_download import snapshot_download
+        from modelscope_hub.errors import HubError, NetworkError, NotExistError
+        from requests import RequestException
     except ImportError:
         raise ModelStoreError(
             "--source modelscope needs the modelscope package: pip install 'node-runtime[modelscope]'"
         ) from None
     revision = request.revision or "master"
-    api = HubApi()
-    token = os.environ.get("MODELSCOPE_API_TOKEN")
+    # The SDK reads MODELSCOPE_ENDPOINT and MODELSCOPE_API_TOKEN itself; passing both keeps it
+    # from probing its public sites for the repository, and names the endpoint in errors.
+    api = HubApi(endpoint=request.modelscope_endpoint or None, token=os.environ.get(MODELSCOPE_TOKEN_ENV) or None)
+    endpoint = api.endpoint
     try:
-        if token:
-            api.login(token)
-        files = api.get_model_files(request.repo_id, revision=revision, recursive=True)
-        check_free_disk(staging.parent, sum(f.get("Size", 0) for f in files if f.get("Type") != "tree"))
+        branches, tags = api.get_model_branches_and_tags(request.repo_id)
+        if revision not in branches + tags:
+            raise ModelStoreError(f"revision {revision!r} not found in {request.repo_id} on {endpoint} "
+                                  f"(branches: {', '.join(branches) or '-'}; tags: {', '.join(tags) or '-'}); check --revision")
+        claim_staging(staging, Origin.of(request, revision))
+        files = [f for f in api.get_model_files(request.repo_id, revision=revision, recursive=True)
+                 if _selected(f["Path"], request.allow, request.ignore)]
+        if not files:
+            raise ModelStoreError(f"no files of {request.repo_id}@{revision} match --allow/--ignore; check the patterns")
+        incomplete = (staging / f"{f['Path']}.incomplete" for f in files)
+        check_free_disk(staging.parent, sum(f.get("Size") or 0 for f in files if not _is_whole(staging / f["Path"], f.get("Size")))
+                        - sum(p.stat().st_size for p in incomplete if p.is_file()))
         snapshot_download(
-            request.repo_id, revision=revision, local_dir=str(staging),
+            request.repo_id, revision=revision, local_dir=str(staging), cache_dir=str(staging / ".cache" / "modelscope"),
             allow_patterns=request.allow or None, ignore_patterns=request.ignore or None,
+            endpoint=endpoint, token=api.token,
         )
-    except ModelStoreError:
-        raise
-    except Exception as exc:  # modelscope raises plain exceptions (HTTPError, ValueError, NotExistError ...)
-        raise ModelStoreError(f"ModelScope download of {request.repo_id}@{revision} failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    except NotExistError:
+        raise ModelStoreError(
+            f"repository {request.repo_id} not found on {endpoint}; check --repo-id, and if it is private set MODELSCOPE_API_TOKEN in the environment"
+        ) from None
+    except NetworkError as exc:
+        raise ModelStoreError(f"cannot download from {endpoint} ({type(exc).__name__}); check the network, or set --modelscope-endpoint to a reachable mirror") from None
+    except (HubError, RequestException) as exc:
+        raise ModelStoreError(f"ModelScope download of {request.repo_id}@{revision} from {endpoint} failed: {_first_line(exc)}") from None
+    except PermissionError as exc:
+        raise ModelStoreError(f"permission denied writing {exc.filename}") from None
     return revision
+
+
+def _selected(path: str, allow: list[str], ignore: list[str]) -> bool:
+    """The SDK's rule for --allow/--ignore: shell globs on the path in the repository."""
+    return (not allow or any(fnmatch.fnmatch(path, p) for p in allow)) and not any(fnmatch.fnmatch(path, p) for p in ignore)
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -10,7 +10,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from node_runtime.errors import Failure
 from node_runtime.modelstore.manifest import MANIFEST_NAME, ManifestError, read_manifest, verify_against
@@ -37,10 +37,10 @@ class StoredModel(BaseModel):
 
     name: str
     path: str
-    id: str | None = None
-    source: str | None = None
-    revision: str | None = None
-    size: int | None = None
+    id: str | None = Field(None, description="repository id, from the manifest")
+    source: str | None = Field(None, description="huggingface, modelscope or local, from the manifest")
+    revision: str | None = Field(None, description="from the manifest")
+    size: int | None = Field(None, description="bytes: the manifest's total, else what the directory holds")
     complete: bool = False
     status: str
 
