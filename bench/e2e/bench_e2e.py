@@ -25,7 +25,7 @@ from tests.runtime.serving.tiny_model import build_tiny_llama  # noqa: E402
 def main() -> None:
     with e2e_cluster(build_tiny_llama) as e2e:
         started = time.monotonic()
-        run = apply(e2e.config, e2e.applier, secrets=e2e.secrets)
+        apply(e2e.config, e2e.applier, secrets=e2e.secrets)
         applied = time.monotonic() - started
         wait_until(lambda: generate(e2e.gateway, "Hello", 1), timeout=300, what="first token")
         first_token = time.monotonic() - started
@@ -34,7 +34,7 @@ def main() -> None:
         apply(e2e.config, e2e.applier, secrets=e2e.secrets)
         reapply = time.monotonic() - started
         changed = e2e.applier.log.changed()
-        e2e.applier.destroy(run)
+        e2e.applier.destroy()
 
     print("| measure | seconds |")
     print("|---|---|")

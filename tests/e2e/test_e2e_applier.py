@@ -1,17 +1,19 @@
-"""The e2e applier on its own: translation of declared inputs, ordering, re-apply and destroy."""
+"""The e2e applier on its own: translation of declared inputs, and the engine's decisions (diff,
+replacement, the dependents a delete-before-replace takes, delete order) on hand-made states.
+The steps run for real under small programs: test_e2e_applier_steps.py, test_e2e_applier_docker.py."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import pulumi
 import pytest
 
 from tests.e2e.apply import (
-    CONTAINER, LOCAL_COMMAND, REMOTE_COMMAND, Applier, Connection, Site, UnsupportedInput,
-    check_command_inputs, container_create_args, deletion_order,
+    CONTAINER, LOCAL_COMMAND, REMOTE_COMMAND, UNKNOWN, Applied, Connection, UnsupportedInput, check_command_inputs,
+    container_create_args, container_update_args, delete_schedule, dependent_replacements, provider_diff,
+    with_replace_on_changes,
 )
-from tests.support.pulumi_program import RecordedResource, run_program, stack_config
+from tests.support.pulumi_program import run_program, stack_config
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -63,6 +65,13 @@ def test_entrypoint_ports_and_on_failure_restart(tmp_path):
     assert args[-3:] == ["img", "-c", "echo hi"]
 
 
+def test_in_place_container_update_becomes_docker_update_flags():
+    args = container_update_args({"restart": "on-failure", "maxRetryCount": 2.0, "memory": 512.0, "memorySwap": -1.0,
+                                  "cpuShares": 256.0, "cpuSet": "0-3"})
+    assert _flags(args) == [("--restart", "on-failure:2"), ("--cpu-shares", "256"), ("--memory", "512m"),
+                            ("--memory-swap", "-1"), ("--cpuset-cpus", "0-3")]
+
+
 @pytest.mark.parametrize("key,value", [
     ("gpus", "all"), ("start", False), ("networksAdvanced", [{"name": "x"}]), ("uploads", [{"file": "/a"}]),
 ])
@@ -93,59 +102,80 @@ def test_connection_becomes_ssh_arguments(tmp_path):
     assert "KEY" not in args
 
 
-def _resource(name: str, deps: list[str] = (), parent: str | None = None, custom: bool = True) -> RecordedResource:
-    return RecordedResource(urn=f"urn:{name}", type=CONTAINER if custom else "x:index:Comp", name=name, inputs={},
-                            parent=f"urn:{parent}" if parent else None, dependencies=[f"urn:{d}" for d in deps],
-                            provider=None, custom=custom, retain_on_delete=False)
+def _applied(name: str, type_: str = CONTAINER, deps: dict[str, list[str]] | None = None, depends_on=(),
+             parent: str | None = None, custom: bool = True, **inputs) -> Applied:
+    """A resource of a previous state: `deps` maps an input to the resources its value came from."""
+    deps = {key: [f"urn:{d}" for d in names] for key, names in (deps or {}).items()}
+    explicit = sorted({u for urns in deps.values() for u in urns} | {f"urn:{d}" for d in depends_on})
+    return Applied(urn=f"urn:{name}", type=type_, name=name, id=f"{name}-id", inputs=inputs, outputs={},
+                   custom=custom, parent=f"urn:{parent}" if parent else None, dependencies=explicit,
+                   property_dependencies=deps)
 
 
-def test_deletion_order_removes_dependents_first_through_components():
-    resources = [
-        _resource("head"), _resource("comp", custom=False), _resource("worker", ["head"], parent="comp"),
-        _resource("server", ["comp"]), _resource("gateway", ["server"]),
+def test_a_containers_forcenew_inputs_replace_it_deleting_first():
+    old = {"name": "c", "image": "img:1", "envs": ["A=1", "B=2"], "restart": "always"}
+    replaced = provider_diff(CONTAINER, old, {**old, "image": "img:2"})
+    assert replaced.replaces == {"image"} and replaced.delete_before_replace
+    # Environment is a set in the docker provider: another order is no change.
+    assert not provider_diff(CONTAINER, old, {**old, "envs": ["B=2", "A=1"]}).changed
+    assert provider_diff(CONTAINER, old, {**old, "envs": ["A=1", "B=3"]}).replaces == {"envs"}
+
+
+@pytest.mark.parametrize("key,value", [("restart", "no"), ("memory", 512.0), ("healthcheck", {"tests": ["CMD", "true"]}),
+                                       ("destroyGraceSeconds", 30.0)])
+def test_a_containers_other_inputs_update_it_in_place(key, value):
+    old = {"name": "c", "image": "img:1", "restart": "always"}
+    diff = provider_diff(CONTAINER, old, {**old, key: value})
+    assert diff.changed == {key} and not diff.replaces and not diff.delete_before_replace
+
+
+def test_only_a_commands_triggers_replace_it_and_never_delete_first():
+    old = {"create": "a", "triggers": ["x"], "connection": {"host": "10.0.0.1"}}
+    assert provider_diff(REMOTE_COMMAND, old, {**old, "triggers": ["y"]}).replaces == {"triggers"}
+    for key, value in (("create", "b"), ("connection", {"host": "10.0.0.2"}), ("delete", "rm x")):
+        diff = provider_diff(REMOTE_COMMAND, old, {**old, key: value})
+        assert diff.changed == {key} and not diff.replaces
+    unknown = provider_diff(LOCAL_COMMAND, old, {**old, "triggers": UNKNOWN})
+    assert unknown.replaces == {"triggers"} and not unknown.delete_before_replace
+
+
+def test_replace_on_changes_turns_a_change_under_its_path_into_a_replacement():
+    old = {"create": "a", "triggers": ["x"]}
+    diff = provider_diff(LOCAL_COMMAND, old, {"create": "b", "triggers": ["x"]})
+    assert not with_replace_on_changes(diff, ["triggers[*]"]).replaces
+    assert with_replace_on_changes(diff, ["create"]).replaces == {"create"}
+    assert with_replace_on_changes(diff, ["*"]).replaces == {"create"}
+
+
+def test_a_delete_before_replace_takes_the_dependents_it_would_replace():
+    graph = [
+        _applied("a", image="i"),
+        _applied("gate-a", REMOTE_COMMAND, deps={"triggers": ["a"]}, triggers=["a-id"], create="wait"),
+        _applied("reader", REMOTE_COMMAND, deps={"create": ["a"]}, create="cat a-id"),  # updated, not replaced
+        _applied("b", depends_on=["gate-a"], image="i"),  # after gate-a, but nothing of a flows into it
+        _applied("gate-b", REMOTE_COMMAND, deps={"triggers": ["b"]}, triggers=["b-id"]),
+        _applied("sidecar", deps={"envs": ["a"]}, envs=["A=a-id"], image="i"),  # ForceNew input from a
+        _applied("sidecar-gate", REMOTE_COMMAND, deps={"triggers": ["sidecar"]}, triggers=["sidecar-id"]),
     ]
-    order = [r.name for r in deletion_order(resources)]
-    assert "comp" not in order
-    assert order.index("gateway") < order.index("server") < order.index("worker") < order.index("head")
+    found = dependent_replacements(graph, graph[0], registered={"urn:a"})
+    assert [r.name for r in found] == ["gate-a", "sidecar", "sidecar-gate"]
+    # One registered in this apply already no longer depends on it.
+    assert [r.name for r in dependent_replacements(graph, graph[0], {"urn:a", "urn:sidecar"})] == ["gate-a"]
 
 
-def _local_command(name: str, create: str, **extra) -> pulumi.runtime.MockResourceArgs:
-    return pulumi.runtime.MockResourceArgs(typ=LOCAL_COMMAND, name=name, custom=True,
-                                           inputs={"create": create, "interpreter": ["/bin/sh", "-c"], **extra})
-
-
-def _applier(tmp_path) -> Applier:
-    def no_builds(*_):
-        raise AssertionError("no image in this test")
-    return Applier(Site(ssh_config=tmp_path / "ssh_config", workdir=tmp_path / "apply", build_image=no_builds))
-
-
-def test_commands_run_for_real_and_reapply_changes_only_what_changed(tmp_path):
-    applier = _applier(tmp_path)
-    marker = tmp_path / "runs"
-    first = _local_command("count", f"echo run >> {marker}; cat", stdin="from stdin", triggers=["a"],
-                           delete=f"echo deleted >> {marker}")
-    _, outputs = applier.new_resource(first)
-    assert outputs["stdout"] == "from stdin"
-    assert marker.read_text() == "run\n"
-
-    applier.new_resource(first)  # same inputs: nothing runs again
-    assert marker.read_text() == "run\n" and applier.log.actions["count"] == "unchanged"
-
-    changed = _local_command("count", f"echo run >> {marker}; cat", stdin="from stdin", triggers=["b"],
-                             delete=f"echo deleted >> {marker}")
-    applier.new_resource(changed)  # a new trigger replaces: create the new one, delete the old one
-    assert marker.read_text() == "run\nrun\ndeleted\n" and applier.log.actions["count"] == "replaced"
-
-    recorded = RecordedResource(urn="urn:count", type=LOCAL_COMMAND, name="count", inputs={}, parent=None,
-                                dependencies=[], provider=None, custom=True, retain_on_delete=False)
-    assert applier.destroy(type("Run", (), {"resources": [recorded]})()) == ["count"]
-    assert marker.read_text() == "run\nrun\ndeleted\ndeleted\n"
-
-
-def test_failed_command_fails_with_its_output(tmp_path):
-    with pytest.raises(RuntimeError, match="no such thing"):
-        _applier(tmp_path).new_resource(_local_command("bad", "echo no such thing >&2; exit 3"))
+def test_deletes_run_in_antichains_dependents_first_through_components():
+    graph = [
+        _applied("head"), _applied("comp", custom=False), _applied("worker", depends_on=["head"], parent="comp"),
+        _applied("server", depends_on=["comp"]), _applied("gateway", depends_on=["server"]),
+        _applied("key", REMOTE_COMMAND),
+    ]
+    schedule = [sorted(r.name for r in antichain) for antichain in delete_schedule(graph, graph)]
+    # Each goes in the antichain of its longest chain of dependencies, as the engine schedules it.
+    assert schedule == [["gateway"], ["server"], ["worker"], ["comp", "head", "key"]]
+    # Only direct dependencies among the condemned order them (DependenciesOf, not its closure).
+    assert [sorted(r.name for r in a) for a in delete_schedule(graph, [graph[0], graph[4]])] == [["gateway", "head"]]
+    # A dependency on a component is one on its children before it.
+    assert [sorted(r.name for r in a) for a in delete_schedule(graph, [graph[2], graph[3]])] == [["server"], ["worker"]]
 
 
 @pytest.mark.parametrize("stack_file", ["Pulumi.dev.yaml", "Pulumi.local.yaml"])

@@ -2,22 +2,25 @@
 
 `run_program(config)` returns every resource with its inputs (secrets unwrapped, with the paths
 that were secret), its parent, its explicit and implicit dependencies and its provider, plus the
-stack outputs. Unit tests assert on that record; the e2e applier applies it to real hosts.
+stack outputs. Unit tests assert on that record; the e2e applier applies it to real hosts, and
+reads each record while its registration is answered (`current_registration`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import runpy
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pulumi
 from pulumi.runtime import mocks as pulumi_mocks
 from pulumi.runtime import rpc
-from pulumi.runtime.settings import ROOT
+from pulumi.runtime.settings import reset_options
 from pulumi.runtime.stack import run_pulumi_func
 from pulumi.runtime.sync_await import _sync_await
 
@@ -40,6 +43,13 @@ class RecordedResource:
     secret_paths: list[str] = field(default_factory=list)
     # Alias specs as registered: {"name", "type", "parentUrn", "noParent"} (unset fields empty).
     aliases: list[dict[str, Any]] = field(default_factory=list)
+    # What an engine acts on beyond `dependencies`: which input each dependency flows into, and
+    # the options that steer a replacement (None: the option is not set).
+    property_dependencies: dict[str, list[str]] = field(default_factory=dict)
+    delete_before_replace: bool | None = None
+    replace_on_changes: list[str] = field(default_factory=list)
+    ignore_changes: list[str] = field(default_factory=list)
+    deleted_with: str | None = None
 
 
 @dataclass
@@ -126,29 +136,53 @@ def _command_stdout(name: str, create: str) -> str:
     return ""
 
 
+_registering = threading.local()
+
+
+def current_registration() -> RecordedResource | None:
+    """The resource whose registration this thread is answering, for mocks that act on its
+    dependencies and options as an engine would (the SDK registers each one on its own thread)."""
+    return getattr(_registering, "resource", None)
+
+
 class RecordingMonitor(pulumi_mocks.MockMonitor):
     def __init__(self, mocks: pulumi.runtime.Mocks):
         super().__init__(mocks)
         self.recorded: list[RecordedResource] = []
 
     def RegisterResource(self, request):
-        response = super().RegisterResource(request)
-        if request.type != "pulumi:pulumi:Stack":
-            secret_paths: list[str] = []
-            raw = rpc.deserialize_properties(request.object, keep_internal=True)
-            inputs = _unwrap_secrets(raw, "", secret_paths)
-            deps = set(request.dependencies)
-            for prop in request.propertyDependencies.values():
-                deps.update(prop.urns)
-            self.recorded.append(RecordedResource(
-                urn=response.urn, type=request.type, name=request.name, inputs=inputs,
-                parent=request.parent or None, dependencies=sorted(deps),
-                provider=request.provider or None, custom=request.custom,
-                retain_on_delete=request.retainOnDelete, secret_paths=secret_paths,
-                aliases=[{"name": a.spec.name, "type": a.spec.type, "parentUrn": a.spec.parentUrn,
-                          "noParent": a.spec.noParent} for a in request.aliases if a.HasField("spec")],
-            ))
+        if request.type == "pulumi:pulumi:Stack":
+            return super().RegisterResource(request)
+        recorded = self._record(request)
+        _registering.resource = recorded
+        try:
+            response = super().RegisterResource(request)
+        finally:
+            _registering.resource = None
+        self.recorded.append(recorded)
         return response
+
+    def _record(self, request) -> RecordedResource:
+        secret_paths: list[str] = []
+        raw = rpc.deserialize_properties(request.object, keep_internal=True)
+        inputs = _unwrap_secrets(raw, "", secret_paths)
+        deps = set(request.dependencies)
+        for prop in request.propertyDependencies.values():
+            deps.update(prop.urns)
+        # Read as the engine reads it (pkg/resource/deploy/source_eval.go): set when defined or true.
+        delete_before_replace_set = request.deleteBeforeReplaceDefined or request.deleteBeforeReplace
+        return RecordedResource(
+            urn=self.make_urn(request.parent, request.type, request.name), type=request.type, name=request.name,
+            inputs=inputs, parent=request.parent or None, dependencies=sorted(deps),
+            provider=request.provider or None, custom=request.custom,
+            retain_on_delete=request.retainOnDelete, secret_paths=secret_paths,
+            aliases=[{"name": a.spec.name, "type": a.spec.type, "parentUrn": a.spec.parentUrn,
+                      "noParent": a.spec.noParent} for a in request.aliases if a.HasField("spec")],
+            property_dependencies={key: sorted(prop.urns) for key, prop in request.propertyDependencies.items()},
+            delete_before_replace=request.deleteBeforeReplace if delete_before_replace_set else None,
+            replace_on_changes=list(request.replaceOnChanges), ignore_changes=list(request.ignoreChanges),
+            deleted_with=request.deletedWith or None,
+        )
 
 
 def stack_config(path: Path) -> dict[str, Any]:
@@ -162,29 +196,54 @@ def stack_config(path: Path) -> dict[str, Any]:
 
 def run_program(
     config: dict[str, Any], stack: str = "test", secrets: dict[str, str] | None = None,
-    mocks: pulumi.runtime.Mocks | None = None,
+    mocks: pulumi.runtime.Mocks | None = None, program: Callable[[], Any] | None = None,
 ) -> ProgramRun:
     """Run __main__.py for `config` (keys without the namespace) under mocks.
 
     `mocks` replaces ProgramMocks: the e2e applier (tests/e2e/apply.py) passes mocks that create
-    each resource for real and answer with its real outputs, as a provider would.
+    each resource for real and answer with its real outputs, as a provider would. `program`
+    replaces __main__.py: a function that declares resources and returns the stack outputs.
     """
     monitor = RecordingMonitor(mocks or ProgramMocks())
-    ROOT.set(None)
+    # Fresh settings (set_mocks keeps the last run's outputs, a failed run's failures among them).
+    reset_options()
     pulumi.runtime.set_mocks(monitor.mocks, project=PROJECT, stack=stack, preview=False, monitor=monitor)
     values = {f"{PROJECT}:{k}": v if isinstance(v, str) else json.dumps(v) for k, v in config.items()}
     values.update({f"{PROJECT}:{k}": v for k, v in (secrets or {}).items()})
     pulumi.runtime.set_all_config(values, secret_keys=[f"{PROJECT}:{k}" for k in (secrets or {})])
     outputs: dict[str, Any] = {}
 
-    async def program() -> None:
-        namespace = runpy.run_path(str(REPO / "__main__.py"), run_name="__main__")
-        resolved = await pulumi.Output.from_input(namespace["deployment"].outputs).future()
+    def main() -> Any:
+        return runpy.run_path(str(REPO / "__main__.py"), run_name="__main__")["deployment"].outputs
+
+    async def run() -> None:
+        resolved = await pulumi.Output.from_input((program or main)()).future()
         outputs.update(resolved or {})
 
     error: BaseException | None = None
+    asyncio.get_event_loop().set_exception_handler(_report_unless_reported)
     try:
-        _sync_await(run_pulumi_func(program))
+        _sync_await(run_pulumi_func(run))
     except BaseException as exc:  # noqa: BLE001 - the test decides what a failure means
         error = exc
+        _reported.extend(_chain(exc))
     return ProgramRun(monitor.recorded, outputs, error)
+
+
+# The SDK resolves every output of a failed resource with its error, and asyncio reports each one
+# nobody awaited as "never retrieved" when it is collected; the run reports that error once.
+_reported: list[BaseException] = []
+
+
+def _chain(error: BaseException | None):
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:  # the SDK raises errors "from" themselves
+        seen.add(id(error))
+        yield error
+        error = error.__cause__ or error.__context__
+
+
+def _report_unless_reported(loop: asyncio.AbstractEventLoop, context: dict) -> None:
+    if "never retrieved" in context.get("message", "") and any(context.get("exception") is e for e in _reported):
+        return
+    loop.default_exception_handler(context)
