@@ -343,6 +343,12 @@ def provider_diff(type_: str, olds: Mapping[str, Any], news: Mapping[str, Any]) 
     return Diff(changed)
 
 
+def engine_diff(type_: str, olds: Mapping[str, Any], news: Mapping[str, Any],
+                replace_on_changes: Sequence[str]) -> Diff:
+    """The provider's Diff as the engine acts on it, the resource's `replace_on_changes` applied."""
+    return with_replace_on_changes(provider_diff(type_, olds, news), replace_on_changes)
+
+
 def with_replace_on_changes(diff: Diff, paths: Sequence[str]) -> Diff:
     """`diff` once the engine has applied a `replace_on_changes` option (applyReplaceOnChanges in
     step_generator.go): a change under one of `paths` replaces; the provider's wish to delete
@@ -353,7 +359,8 @@ def with_replace_on_changes(diff: Diff, paths: Sequence[str]) -> Diff:
     return dataclasses.replace(diff, replaces=diff.replaces | forced)
 
 
-def _changed_keys(olds: Mapping[str, Any], news: Mapping[str, Any], unordered: frozenset[str] = frozenset()) -> frozenset[str]:
+def _changed_keys(olds: Mapping[str, Any], news: Mapping[str, Any],
+                  unordered: frozenset[str] = frozenset()) -> frozenset[str]:
     def value(key: str, inputs: Mapping[str, Any]) -> str | None:
         found = inputs.get(key)
         if _is_unset(found):
@@ -406,10 +413,6 @@ class Applied:
                    resource.parent, list(resource.dependencies), dict(resource.property_dependencies),
                    list(resource.replace_on_changes), resource.retain_on_delete)
 
-    def diff(self, news: Mapping[str, Any]) -> Diff:
-        """What the engine makes of its provider's Diff between these inputs and `news`."""
-        return with_replace_on_changes(provider_diff(self.type, self.inputs, news), self.replace_on_changes)
-
     def dependency_urns(self) -> set[str]:
         """What it depends on, its parent aside: explicit and input dependencies, its provider."""
         urns = set(self.dependencies).union(*self.property_dependencies.values())
@@ -447,7 +450,8 @@ def _replaced_with(resource: Applied, replacing: set[str]) -> bool:
                if key in resource.inputs and replacing.intersection(urns)}
     if not unknown:
         return False
-    return bool(resource.diff({**resource.inputs, **dict.fromkeys(unknown, UNKNOWN)}).replaces)
+    news = {**resource.inputs, **dict.fromkeys(unknown, UNKNOWN)}
+    return bool(engine_diff(resource.type, resource.inputs, news, resource.replace_on_changes).replaces)
 
 
 def delete_schedule(graph: Sequence[Applied], condemned: Iterable[Applied]) -> list[list[Applied]]:
@@ -667,10 +671,9 @@ class Applier(pulumi.runtime.Mocks):
                 self._next[new.urn] = dataclasses.replace(new, outputs=dict(inputs))
                 return self._next[new.urn]
             old, recreating = self._olds.get(new.urn), self._recreating.pop(new.urn, None)
-            diff = dataclasses.replace(old, replace_on_changes=new.replace_on_changes).diff(inputs) \
-                if old and not recreating else None
-            delete_first = bool(diff and diff.replaces) and (
-                diff.delete_before_replace if declared.delete_before_replace is None else declared.delete_before_replace)
+            diff = engine_diff(new.type, old.inputs, inputs, new.replace_on_changes) if old and not recreating else None
+            asked = declared.delete_before_replace
+            delete_first = bool(diff and diff.replaces) and (diff.delete_before_replace if asked is None else asked)
             # Resources already registered (or deleted) in this apply cannot depend on it any more.
             dependents = dependent_replacements(self._graph, old, self._registered) if delete_first else []
             deleting = {d.urn: (d, threading.Event()) for d in dependents}
@@ -766,7 +769,8 @@ class Applier(pulumi.runtime.Mocks):
                 container_create_args(new.inputs, env_file=Path(scratch) / "env")  # rejects what is not translated
             docker = self._docker_for(new)
             if diff.changed & _CONTAINER_LIVE_UPDATE:
-                self._run([*docker, "update", *container_update_args(new.inputs), old.id], what=f"docker update {new.name}")
+                self._run([*docker, "update", *container_update_args(new.inputs), old.id],
+                          what=f"docker update {new.name}")
             if old.inputs.get("mustRun") is False and new.inputs.get("mustRun") is not False \
                     and new.inputs.get("start") is not False:
                 self._run([*docker, "start", old.id], what=f"docker start {new.name}")

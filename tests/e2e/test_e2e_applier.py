@@ -121,8 +121,9 @@ def test_a_containers_forcenew_inputs_replace_it_deleting_first():
     assert provider_diff(CONTAINER, old, {**old, "envs": ["A=1", "B=3"]}).replaces == {"envs"}
 
 
-@pytest.mark.parametrize("key,value", [("restart", "no"), ("memory", 512.0), ("healthcheck", {"tests": ["CMD", "true"]}),
-                                       ("destroyGraceSeconds", 30.0)])
+@pytest.mark.parametrize("key,value", [
+    ("restart", "no"), ("memory", 512.0), ("healthcheck", {"tests": ["CMD", "true"]}), ("destroyGraceSeconds", 30.0),
+])
 def test_a_containers_other_inputs_update_it_in_place(key, value):
     old = {"name": "c", "image": "img:1", "restart": "always"}
     diff = provider_diff(CONTAINER, old, {**old, key: value})

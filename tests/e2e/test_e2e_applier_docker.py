@@ -249,8 +249,8 @@ def test_in_place_changes_keep_the_container(host):
     apply({}, applier, program=declare("unless-stopped", "exit 0"))
     assert applier.log.ops() == [("update", "app")] and program.short_id(applier, "app") == before
     assert "destroy" not in [action for action, _, _ in program.events(since)]
-    inspected = host.docker("inspect", "--format", "{{.HostConfig.RestartPolicy.Name}} {{json .Config.Healthcheck.Test}}",
-                            program.docker_name("app")).strip().split(" ", 1)
+    shown = "{{.HostConfig.RestartPolicy.Name}} {{json .Config.Healthcheck.Test}}"
+    inspected = host.docker("inspect", "--format", shown, program.docker_name("app")).strip().split(" ", 1)
     # The restart policy reaches the container (docker update); the healthcheck stays in the
     # provider's state only, as terraform-provider-docker does it.
     assert inspected == ["unless-stopped", '["CMD-SHELL","true"]']
