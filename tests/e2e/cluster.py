@@ -10,6 +10,7 @@ import contextlib
 import os
 import shutil
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,7 @@ DATA_ROOT = f"{HOST_ROOT}/data"
 MODEL_SOURCE = f"{HOST_ROOT}/src/tiny-llama"  # on the head only: the model the stack adopts
 MODEL_NAME = "tiny-llama"
 CLUSTER_NAME = "e2e"
+REPLICAS = 3
 
 
 def stack_config(cluster: DockerCluster, base_image: str) -> dict[str, Any]:
@@ -44,10 +46,11 @@ def stack_config(cluster: DockerCluster, base_image: str) -> dict[str, Any]:
         "dataRoot": DATA_ROOT,
         "minFreeDiskGb": 1,
         "shmSize": "1g",
-        "timeouts": {"clusterReady": 300, "serverReady": 600},
+        "timeouts": {"clusterReady": 300, "serverReady": 600, "drain": 60},
         "gatewayWorkers": 2,  # the multi-process gateway a DCU head runs: its container stops, restarts and serves alike
         "models": [{
             "id": f"local/{MODEL_NAME}", "source": "local", "localPath": MODEL_SOURCE,
+            "replicas": REPLICAS,  # one per host (CPU: no devices; replica r on node r)
             "maxNumSeqs": 4, "maxModelLen": 256, "dtype": "float32", "extraArgs": ["--enforce-eager"],
             # On CPU this is the share of the machine's memory vLLM reserves: 0.9 would not start
             # beside the rest of the cluster (and anything else) on one machine.
@@ -114,6 +117,71 @@ def generate(gateway: str, prompt: str, max_tokens: int) -> dict | None:
     except httpx.HTTPError:
         return None
     return response.json() if response.status_code == 200 else None
+
+
+@dataclass
+class Outcome:
+    kind: str  # "generate" (one JSON answer) or "stream" (SSE)
+    started: float
+    seconds: float
+    error: str | None  # None: a complete, well-formed answer
+
+
+class Load:
+    """Clients sending requests through the gateway until stopped, every outcome kept: `threads`
+    non-streaming /generate loops, and `streams` streaming /v1/completions loops."""
+
+    def __init__(self, gateway: str, *, threads: int = 3, streams: int = 0, max_tokens: int = 8):
+        self.gateway, self.max_tokens = gateway, max_tokens
+        self.outcomes: list[Outcome] = []
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._loop, args=("generate",), daemon=True) for _ in range(threads)]
+        self._threads += [threading.Thread(target=self._loop, args=("stream",), daemon=True) for _ in range(streams)]
+
+    def __enter__(self) -> "Load":
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=180)
+
+    def failures(self, kind: str | None = None) -> list[Outcome]:
+        with self._lock:
+            return [o for o in self.outcomes if o.error and (kind is None or o.kind == kind)]
+
+    def count(self, kind: str | None = None) -> int:
+        with self._lock:
+            return sum(1 for o in self.outcomes if kind is None or o.kind == kind)
+
+    def _loop(self, kind: str) -> None:
+        with httpx.Client(timeout=120) as client:
+            while not self._stop.is_set():
+                started = time.monotonic()
+                try:
+                    error = self._generate(client) if kind == "generate" else self._stream(client)
+                except httpx.HTTPError as failed:
+                    error = f"{type(failed).__name__}: {failed}"
+                with self._lock:
+                    self.outcomes.append(Outcome(kind, started, time.monotonic() - started, error))
+
+    def _generate(self, client: httpx.Client) -> str | None:
+        response = client.post(f"{self.gateway}/generate", json={"prompt": "Hello", "max_tokens": self.max_tokens})
+        if response.status_code != 200:
+            return f"{response.status_code}: {response.text[:300]}"
+        return None if response.json()["usage"]["completion_tokens"] >= 1 else "no tokens"
+
+    def _stream(self, client: httpx.Client) -> str | None:
+        body = {"model": MODEL_NAME, "prompt": "Hello", "max_tokens": self.max_tokens, "stream": True}
+        with client.stream("POST", f"{self.gateway}/v1/completions", json=body) as response:
+            if response.status_code != 200:
+                return f"{response.status_code}: {response.read()[:300]!r}"
+            events = [line for line in response.iter_lines() if line.startswith("data: ")]
+        # A stream is complete only with its final [DONE] event: one cut short is a failure.
+        return None if events and events[-1] == "data: [DONE]" else f"stream cut after {len(events)} events"
 
 
 def health(gateway: str) -> tuple[int, dict]:

@@ -1,6 +1,7 @@
 """End to end: the program's declarations applied to three simulated hosts (head + 2 workers, CPU
-profile), a real Ray cluster across them, the tiny model distributed and served, faults survived,
-and the model files still on every host after teardown.
+profile), a real Ray cluster across them, the tiny model distributed and served by one replica per
+host behind the gateway, faults survived, the replica set changed and a rolling update under load
+without a failed request, and the model files still on every host after teardown.
 
 The tests run in file order against one deployment (each step builds on the one before).
 Needs root (network namespaces, Docker engines); CI runs it through scripts/test.sh.
@@ -11,24 +12,30 @@ from __future__ import annotations
 import hashlib
 import json
 import subprocess
+import threading
 import time
 
 import httpx
+import psutil
 import pytest
 from openai import OpenAI
 
 from tests.e2e.apply import apply
 from tests.e2e.cluster import (
-    CLUSTER_NAME, MODEL_NAME, MODEL_ROOT, MODEL_SOURCE, e2e_cluster, generate, health, wait_until,
+    CLUSTER_NAME, MODEL_NAME, MODEL_ROOT, MODEL_SOURCE, REPLICAS, Load, e2e_cluster, generate, health, wait_until,
 )
+from tests.runtime.serving.processes import metric_families
 from tests.runtime.serving.tiny_model import build_tiny_llama
 
 pytestmark = pytest.mark.slow
 
 RAY_HEAD = f"{CLUSTER_NAME}-ray-head"
 RAY_WORKER = f"{CLUSTER_NAME}-ray-worker"
-SERVER = f"{CLUSTER_NAME}-server-{MODEL_NAME}"
 GATEWAY = f"{CLUSTER_NAME}-gateway"
+
+
+def server(k: int) -> str:
+    return f"{CLUSTER_NAME}-server-{MODEL_NAME}-{k}"
 
 
 @pytest.fixture(scope="module")
@@ -47,12 +54,16 @@ def deployed(e2e):
     return run
 
 
+def _inspect(e2e, host, name: str, field: str) -> str:
+    return e2e.docker(host, "inspect", "--format", "{{" + field + "}}", name).stdout.strip()
+
+
 def _container_pid(e2e, host, name: str) -> int:
-    return int(e2e.docker(host, "inspect", "--format", "{{.State.Pid}}", name).stdout.strip())
+    return int(_inspect(e2e, host, name, ".State.Pid"))
 
 
 def _restart_count(e2e, host, name: str) -> int:
-    return int(e2e.docker(host, "inspect", "--format", "{{.RestartCount}}", name).stdout.strip())
+    return int(_inspect(e2e, host, name, ".RestartCount"))
 
 
 def _crash(e2e, host, name: str) -> None:
@@ -72,8 +83,44 @@ def _health_sequence(gateway: str, until, *, timeout: float) -> list[tuple[int, 
     raise AssertionError(f"/health never satisfied the condition in {timeout}s; last answers: {seen[-3:]}")
 
 
+def _replica_calls(gateway: str) -> dict[str, float]:
+    """Requests the gateway sent each replica of the model, from its /metrics."""
+    calls: dict[str, float] = {}
+    for family in metric_families(httpx.get(f"{gateway}/metrics", timeout=30).text):
+        if family.name == "gateway_upstream_requests":
+            for sample in family.samples:
+                if sample.name.endswith("_total") and sample.labels.get("model") == MODEL_NAME:
+                    replica = sample.labels["replica"]
+                    calls[replica] = calls.get(replica, 0) + sample.value
+    return calls
+
+
+def _server_containers(e2e) -> dict[str, str]:
+    """{container name: id} of the model's server containers on every host."""
+    found = {}
+    for host in e2e.cluster.hosts:
+        lines = e2e.docker(host, "ps", "-a", "--filter", f"name={CLUSTER_NAME}-server-", "--format",
+                           "{{.Names}} {{.ID}}").stdout.split("\n")
+        found.update(dict(line.split() for line in lines if line.strip()))
+    return found
+
+
 def test_ray_reports_every_host_as_a_node(e2e, deployed):
     assert e2e.ray_alive_nodes() == sorted(h.address for h in e2e.cluster.hosts)
+
+
+def test_the_plan_puts_one_replica_on_each_host(e2e, deployed):
+    plan = deployed.outputs["plan"][MODEL_NAME]
+    assert [replica["nodes"] for replica in plan] == [["head"], ["w1"], ["w2"]]
+    for k, host in enumerate(e2e.cluster.hosts):
+        assert _inspect(e2e, host, server(k), ".State.Running") == "true"
+        address = "127.0.0.1" if k == 0 else host.address
+        assert plan[k]["url"] == f"http://{address}:8100"
+    # A replica off the head answers generation only with the internal key the gateway holds.
+    worker = e2e.workers[0]
+    refused = httpx.post(f"http://{worker.address}:8100/v1/completions",
+                         json={"model": MODEL_NAME, "prompt": "Hello", "max_tokens": 1}, timeout=30)
+    assert refused.status_code == 401
 
 
 def test_model_is_distributed_and_verified_on_every_host(e2e, deployed):
@@ -81,7 +128,7 @@ def test_model_is_distributed_and_verified_on_every_host(e2e, deployed):
     expected = {p.relative_to(source).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
                 for p in source.rglob("*") if p.is_file()}
     assert "config.json" in expected
-    image = e2e.docker(e2e.head, "inspect", "--format", "{{.Image}}", SERVER).stdout.strip()
+    image = _inspect(e2e, e2e.head, server(0), ".Image")
     for host in e2e.cluster.hosts:
         model_dir = e2e.on_host(host, f"{MODEL_ROOT}/{MODEL_NAME}")
         copied = {p.relative_to(model_dir).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
@@ -95,8 +142,8 @@ def test_model_is_distributed_and_verified_on_every_host(e2e, deployed):
 
 
 def test_every_host_runs_the_same_node_image(e2e, deployed):
-    ids = {e2e.docker(h, "inspect", "--format", "{{.Image}}", RAY_HEAD if h is e2e.head else RAY_WORKER).stdout.strip()
-           for h in e2e.cluster.hosts}
+    ids = {_inspect(e2e, h, RAY_HEAD if h is e2e.head else RAY_WORKER, ".Image") for h in e2e.cluster.hosts}
+    ids |= {_inspect(e2e, h, server(k), ".Image") for k, h in enumerate(e2e.cluster.hosts)}
     assert len(ids) == 1
 
 
@@ -140,6 +187,70 @@ def test_no_change_reapply_touches_nothing(e2e, deployed):
     assert {h.name: e2e.docker(h, "ps", "-q", "--no-trunc").stdout.split() for h in e2e.cluster.hosts} == before
 
 
+def test_requests_spread_over_the_replicas(e2e, deployed):
+    before = _replica_calls(e2e.gateway)
+    with Load(e2e.gateway, threads=6) as load:
+        wait_until(lambda: load.count() >= 300, timeout=600, interval=1, what="300 requests through the gateway")
+    assert load.failures() == []
+    after = _replica_calls(e2e.gateway)
+    sent = {replica: after.get(replica, 0) - before.get(replica, 0) for replica in after}
+    total = sum(sent.values())
+    assert set(sent) == {f"{MODEL_NAME}/{k}" for k in range(REPLICAS)} and total >= 300
+    shares = {replica: count / total for replica, count in sent.items()}
+    assert all(0.20 <= share <= 0.47 for share in shares.values()), shares
+    e2e.timings["replica_shares"] = shares
+
+
+def test_a_replica_killed_under_load_fails_no_request(e2e, deployed):
+    worker, k = e2e.workers[0], 1
+    restarts = _restart_count(e2e, worker, server(k))
+    with Load(e2e.gateway, threads=4) as load:
+        wait_until(lambda: load.count() >= 10, timeout=120, interval=0.5, what="load running")
+        _crash(e2e, worker, server(k))
+        degraded = _health_sequence(
+            e2e.gateway, lambda code, body: code == 200 and any(f"{MODEL_NAME}/{k}" in d for d in body.get("degraded", [])),
+            timeout=60)
+        served_while_down = load.count()
+        _health_sequence(e2e.gateway, lambda code, body: code == 200 and body.get("status") == "ok", timeout=600)
+        assert load.count() > served_while_down  # served on through the outage
+    assert load.failures("generate") == [], load.failures()[:5]
+    assert degraded[-1][1]["status"] == "degraded", degraded[-1]
+    assert _restart_count(e2e, worker, server(k)) > restarts
+
+
+def _container_processes(e2e, host, name: str) -> list[psutil.Process]:
+    """Every process in the container (its cgroup), seen from this machine (namespaces share PIDs)."""
+    container_id = _inspect(e2e, host, name, ".Id")
+    found = []
+    for process in psutil.process_iter(["pid"]):
+        try:
+            with open(f"/proc/{process.pid}/cgroup") as cgroup:
+                if container_id in cgroup.read():
+                    found.append(process)
+        except OSError:
+            continue
+    return found
+
+
+def test_a_killed_replica_leaves_no_process_behind(e2e, deployed):
+    """Its engine processes hold memory (and on a DCU the devices): none may outlive the server."""
+    worker, k = e2e.workers[1], 2
+    processes = _container_processes(e2e, worker, server(k))
+    assert len(processes) >= 2, "the replica runs vLLM's API server and its engine"
+    restarts = _restart_count(e2e, worker, server(k))
+    _crash(e2e, worker, server(k))
+
+    def gone() -> bool:
+        return not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in processes)
+
+    wait_until(gone, timeout=30, interval=0.5, what="every process of the killed replica gone")
+    wait_until(lambda: _restart_count(e2e, worker, server(k)) > restarts, timeout=60, what="Docker restarting it")
+    _health_sequence(e2e.gateway, lambda code, body: code == 200 and body.get("status") == "ok", timeout=600)
+    before = _replica_calls(e2e.gateway).get(f"{MODEL_NAME}/{k}", 0)
+    wait_until(lambda: (generate(e2e.gateway, "Hello", 2), _replica_calls(e2e.gateway).get(f"{MODEL_NAME}/{k}", 0))[1]
+               > before, timeout=60, interval=0.2, what="the restarted replica serving again")
+
+
 def test_crashed_worker_restarts_and_rejoins_while_health_reports_it(e2e, deployed):
     worker = e2e.workers[0]
     restarts = _restart_count(e2e, worker, RAY_WORKER)
@@ -148,37 +259,87 @@ def test_crashed_worker_restarts_and_rejoins_while_health_reports_it(e2e, deploy
     subprocess.run(["ip", "link", "set", bridge_end, "down"], check=True)
     try:
         _crash(e2e, worker, RAY_WORKER)
-        degraded = _health_sequence(e2e.gateway, lambda code, body: code == 503, timeout=120)
-        assert any("ray cluster" in problem for problem in degraded[-1][1]["unhealthy"]), degraded[-1]
+        # Ray missing a node is reported; the models stay served by the replicas the gateway still reaches.
+        degraded = _health_sequence(
+            e2e.gateway, lambda code, body: any("ray cluster" in d for d in body.get("degraded", [])), timeout=120)
+        assert degraded[-1][0] == 200, degraded[-1]
     finally:
         subprocess.run(["ip", "link", "set", bridge_end, "up"], check=True)
     wait_until(lambda: e2e.ray_alive_nodes() == sorted(h.address for h in e2e.cluster.hosts),
                timeout=300, interval=5, what="the worker rejoining Ray")
-    _health_sequence(e2e.gateway, lambda code, body: code == 200, timeout=120)
+    _health_sequence(e2e.gateway, lambda code, body: code == 200 and body.get("status") == "ok", timeout=180)
     assert _restart_count(e2e, worker, RAY_WORKER) > restarts
-
-
-def test_crashed_model_server_comes_back(e2e, deployed):
-    restarts = _restart_count(e2e, e2e.head, SERVER)
-    _crash(e2e, e2e.head, SERVER)
-    down = _health_sequence(e2e.gateway, lambda code, body: body.get("models", {}).get(MODEL_NAME, "ok") != "ok",
-                            timeout=60)
-    assert down[-1][0] == 503
-    _health_sequence(e2e.gateway, lambda code, body: code == 200, timeout=600)
-    assert _restart_count(e2e, e2e.head, SERVER) > restarts
-    assert generate(e2e.gateway, "Hello", 4)
 
 
 def test_restarted_head_gets_its_workers_back(e2e, deployed):
     e2e.cluster.ssh(e2e.head, f"docker restart {RAY_HEAD}", timeout=120)
     wait_until(lambda: e2e.ray_alive_nodes() == sorted(h.address for h in e2e.cluster.hosts),
                timeout=420, interval=5, what="the workers reconnecting to the restarted head")
-    _health_sequence(e2e.gateway, lambda code, body: code == 200, timeout=180)
+    _health_sequence(e2e.gateway, lambda code, body: code == 200 and body.get("status") == "ok", timeout=180)
     assert generate(e2e.gateway, "Hello", 4)
 
 
+def _gateway_pid(e2e) -> int:
+    return _container_pid(e2e, e2e.head, GATEWAY)
+
+
+def test_fewer_replicas_removes_only_the_last_one(e2e, deployed):
+    """3 → 2: the third replica is drained and removed; nothing else changes, the gateway keeps running."""
+    containers, gateway = _server_containers(e2e), _gateway_pid(e2e)
+    e2e.config["models"][0]["replicas"] = 2
+    with Load(e2e.gateway, threads=2, streams=1) as load:
+        apply(e2e.config, e2e.applier, secrets=e2e.secrets)
+    changed = e2e.applier.log.changed()
+    assert set(changed) == {f"{server(2)}-container", f"{server(2)}-healthy", f"{server(2)}-routed"}, changed
+    assert set(changed.values()) == {"deleted"}
+    # The route went first (drained), then its container.
+    assert e2e.applier.log.before(("delete", f"{server(2)}-routed"), ("delete", f"{server(2)}-container"))
+    now = _server_containers(e2e)
+    assert now == {name: cid for name, cid in containers.items() if name != server(2)}
+    assert _gateway_pid(e2e) == gateway
+    assert load.failures() == [], load.failures()[:5]
+    assert set(_replica_calls(e2e.gateway)) >= {f"{MODEL_NAME}/0", f"{MODEL_NAME}/1"}
+
+
+def test_a_settings_change_rolls_replica_by_replica_without_a_failed_request(e2e, deployed):
+    containers, gateway = _server_containers(e2e), _gateway_pid(e2e)
+    assert set(containers) == {server(0), server(1)}
+    e2e.config["models"][0]["maxNumSeqs"] += 2
+    samples: list[tuple[float, int, str]] = []
+    stop = False
+
+    def sample_health() -> None:
+        while not stop:
+            code, body = health(e2e.gateway)
+            samples.append((time.monotonic(), code, body.get("status", body.get("error", "?"))))
+            time.sleep(0.5)
+
+    sampler = threading.Thread(target=sample_health, daemon=True)
+    with Load(e2e.gateway, threads=3, streams=2, max_tokens=16) as load:
+        wait_until(lambda: load.count() >= 10, timeout=120, interval=0.5, what="load running")
+        sampler.start()
+        started = time.monotonic()
+        apply(e2e.config, e2e.applier, secrets=e2e.secrets)
+        rolled = time.monotonic() - started
+        time.sleep(2)
+        stop = True
+        sampler.join(timeout=60)
+    log = e2e.applier.log
+    # Replica 0 fully replaced and routed again before replica 1 is touched.
+    assert log.before(("create-replacement", f"{server(0)}-routed"), ("delete-replaced", f"{server(1)}-routed"))
+    assert log.before(("delete-replaced", f"{server(0)}-routed"), ("delete-replaced", f"{server(0)}-container"))
+    assert load.failures() == [], load.failures()[:5]
+    assert load.count("generate") > 0 and load.count("stream") > 0
+    assert samples and all(code == 200 for _, code, _ in samples), [s for s in samples if s[1] != 200][:5]
+    assert _gateway_pid(e2e) == gateway, "the gateway restarted"
+    now = _server_containers(e2e)
+    assert set(now) == {server(0), server(1)} and not set(now.values()) & set(containers.values())
+    e2e.timings.update(rolling_update_s=rolled, rolling_requests=load.count(),
+                       rolling_failed=len(load.failures()), health_samples=len(samples))
+
+
 def test_teardown_keeps_the_model_on_every_host(e2e, deployed):
-    removed = e2e.applier.destroy(deployed)
+    removed = e2e.applier.destroy()
     # The relay key's authorization is revoked (its delete step ran), after the containers went.
     assert removed.index(f"{CLUSTER_NAME}-w1-relay-authorized") > removed.index(f"{GATEWAY}-container")
     for worker in e2e.workers:
