@@ -49,7 +49,8 @@ import psutil
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 from tests.runtime.serving.processes import (  # noqa: E402
-    Process, answers, cluster_json, free_ports, serve_spec, start_gateway, start_model_server, start_ray_head,
+    Process, answers, cluster_json, free_ports, gateway_config, serve_spec, start_gateway, start_model_server, start_ray_head,
+    write_route,
 )
 from tests.runtime.serving.tiny_model import build_tiny_llama  # noqa: E402
 
@@ -251,12 +252,20 @@ def start_fixed_upstream(work: Path, delay_ms: float = 0) -> tuple[Process, str]
     return server, url
 
 
-def gateway_in_front(upstream_url: str, ray_address: str, work: Path, max_batch: int, workers: int = 1) -> tuple[Process, str]:
-    """`node-runtime gateway` exactly as the container runs it (its CLI and its config)."""
+def gateway_in_front(upstream_url: str, ray_address: str, work: Path, max_batch: int, workers: int = 1,
+                     *, route_files: bool = True) -> tuple[Process, str]:
+    """`node-runtime gateway` exactly as the container runs it (its CLI and its config), the upstream its
+    model's one replica. `route_files=False`: the config of gateways before route files (for compare_versions.py)."""
     port = free_ports(1)[0]
-    config = {"host": "127.0.0.1", "port": port, "servers": [{"name": MODEL, "url": upstream_url}],
-              "cluster": cluster_json(ray_address), "max_batch_size": max_batch, "request_timeout_s": 300,
-              "workers": workers}
+    options = {"max_batch_size": max_batch, "request_timeout_s": 300, "workers": workers}
+    if route_files:
+        routes = work / f"routes-{port}"
+        routes.mkdir()
+        write_route(routes, MODEL, f"{MODEL}/0", upstream_url)
+        config = gateway_config(port, [MODEL], routes, ray_address, **options)
+    else:
+        config = {"host": "127.0.0.1", "port": port, "servers": [{"name": MODEL, "url": upstream_url}],
+                  "cluster": cluster_json(ray_address), **options}
     return start_gateway(config, work, api_key=None), f"http://127.0.0.1:{port}"
 
 

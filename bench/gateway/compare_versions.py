@@ -77,7 +77,9 @@ def main() -> None:
             os.environ.pop("PYTHONPATH", None)
             if package:
                 os.environ["PYTHONPATH"] = str(package)
-            gateway, url = gateway_in_front(fixed_url, "127.0.0.1:1", work, 64)  # Ray is never asked here
+            # Ray is never asked here; a version before route files takes its replica in the config.
+            route_files = package is None or (package / "node_runtime/serving/gateway/route_files.py").exists()
+            gateway, url = gateway_in_front(fixed_url, "127.0.0.1:1", work, 64, route_files=route_files)
             started.append(gateway)
             gateways[name] = (url, gateway.proc.pid)
         os.environ.pop("PYTHONPATH", None)

@@ -6,7 +6,8 @@ import pytest
 from typer.testing import CliRunner
 
 from node_runtime.cli import app
-from node_runtime.serving.spec import GatewayConfig, ServeSpec
+from node_runtime.serving.gateway.config import GatewayConfig
+from node_runtime.serving.spec import ServeSpec
 from tests.support.pulumi_program import REPO, run_program, stack_config
 from tests.unit.conftest import STACK_FILES
 from tests.unit.test_program import env_of

@@ -7,11 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from .processes import Process, ThreadServer, cluster_json, free_ports, serve_spec, start_gateway, start_model_server, start_ray_head
+from .processes import (
+    Process, ThreadServer, free_ports, gateway_config, serve_spec, start_gateway, start_model_server, start_ray_head, write_route,
+)
 from .tiny_model import build_tiny_llama
+from .upstreams import RawReplica
 
 MODEL_NAME = "tiny-llama"
 API_KEY = "test-key-not-a-secret"
+# What the gateway sends the replicas: the session's vLLM requires it on /v1, as replicas off the head do.
+INTERNAL_KEY = "internal-test-key-not-a-secret"
 
 
 @pytest.fixture(scope="session")
@@ -52,13 +57,13 @@ class ModelServer:
         self.process.stop(grace=10)
 
     def restart(self) -> None:
-        self.process = start_model_server(self.spec, self.work)
+        self.process = start_model_server(self.spec, self.work, api_key=INTERNAL_KEY)
 
 
 @pytest.fixture(scope="session")
 def model_server(tiny_model, ray_head, work_dir):
     spec = serve_spec(tiny_model, MODEL_NAME, free_ports(1)[0], ray_head)
-    server = ModelServer(spec, work_dir, start_model_server(spec, work_dir))
+    server = ModelServer(spec, work_dir, start_model_server(spec, work_dir, api_key=INTERNAL_KEY))
     yield server
     server.process.stop()
 
@@ -75,64 +80,43 @@ class Gateway:
 
 
 @pytest.fixture(scope="session")
-def gateway(model_server, ray_head, work_dir):
+def routes_dir(work_dir, model_server) -> Path:
+    """The session's routes directory: the real server as the one replica of MODEL_NAME."""
+    path = work_dir / "routes"
+    path.mkdir()
+    write_route(path, MODEL_NAME, f"{MODEL_NAME}/0", model_server.url)
+    return path
+
+
+@pytest.fixture(scope="session")
+def gateway(routes_dir, ray_head, work_dir):
     """`node-runtime gateway` as the container runs it (no API key, as in the guide) in front of the real server."""
     port = free_ports(1)[0]
-    config = {
-        "host": "127.0.0.1", "port": port, "servers": [{"name": MODEL_NAME, "url": model_server.url}],
-        "cluster": cluster_json(ray_head), "max_batch_size": 8, "request_timeout_s": 120,
-    }
-    process = start_gateway(config, work_dir, api_key=None)
+    config = gateway_config(port, [MODEL_NAME], routes_dir, ray_head, max_batch_size=8, request_timeout_s=120)
+    process = start_gateway(config, work_dir, api_key=None, internal_key=INTERNAL_KEY)
     yield Gateway(f"http://127.0.0.1:{port}", None, config)
     process.stop()
 
 
-class SilentServer:
-    """Accepts TCP connections and never answers: a model server that hangs."""
-
-    def __init__(self):
-        import socket
-        import threading
-
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(64)
-        self.port = self.sock.getsockname()[1]
-        self.held = []
-        self.thread = threading.Thread(target=self._hold, daemon=True)
-        self.thread.start()
-
-    def _hold(self):
-        while True:
-            try:
-                connection, _ = self.sock.accept()
-            except OSError:
-                return
-            self.held.append(connection)
-
-    def close(self):
-        self.sock.close()
-        for connection in self.held:
-            connection.close()
-
-
 @pytest.fixture(scope="session")
-def routing_gateway(model_server, ray_head):
+def routing_gateway(model_server, ray_head, work_dir):
     """An in-process gateway with an API key and three models: the real one, one refusing, one hanging;
     and a cluster expected to have 2 nodes (it has 1)."""
-    from node_runtime.serving.gateway import create_app
-    from node_runtime.serving.spec import GatewayConfig
+    from node_runtime.serving.gateway.app import create_app
+    from node_runtime.serving.gateway.config import GatewayConfig
 
-    silent = SilentServer()
+    silent = RawReplica("hang")
     refused_port, port = free_ports(2)
-    config = {
-        "host": "127.0.0.1", "port": port, "max_batch_size": 4, "request_timeout_s": 3,
-        "servers": [{"name": MODEL_NAME, "url": model_server.url},
-                    {"name": "refusing", "url": f"http://127.0.0.1:{refused_port}"},
-                    {"name": "hanging", "url": f"http://127.0.0.1:{silent.port}"}],
-        "cluster": cluster_json(ray_head, nodes=2),
-    }
-    server = ThreadServer(create_app(GatewayConfig.model_validate(config), api_key=API_KEY), port, "/v1/models")
+    routes = work_dir / "routing-gateway-routes"
+    routes.mkdir()
+    for model, url in ((MODEL_NAME, model_server.url), ("refusing", f"http://127.0.0.1:{refused_port}"),
+                       ("hanging", silent.url)):
+        write_route(routes, model, f"{model}/0", url)
+    config = gateway_config(port, [MODEL_NAME, "refusing", "hanging"], routes, ray_head, max_batch_size=4,
+                            request_timeout_s=3)
+    config["cluster"]["expected_nodes"] = 2
+    app = create_app(GatewayConfig.model_validate(config), api_key=API_KEY, internal_key=INTERNAL_KEY)
+    server = ThreadServer(app, port, "/v1/models")
     yield Gateway(server.url, API_KEY, config)
     server.stop()
     silent.close()

@@ -75,6 +75,18 @@ class Process:
         self.proc.wait(10)
 
 
+def eventually(probe, *, timeout: float, what: str, interval: float = 0.2):
+    """probe()'s first truthy value, polled for `timeout` seconds; else an error with its last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        last = probe()
+        if last:
+            return last
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"{what}: not within {timeout:g}s (last: {last!r})")
+        time.sleep(interval)
+
+
 def http_ok(url: str) -> bool:
     try:
         return httpx.get(url, timeout=2).status_code == 200
@@ -137,20 +149,43 @@ def vllm_env(work: Path) -> dict[str, str]:
             "VLLM_CPU_KVCACHE_SPACE": "1"}
 
 
-def start_model_server(spec: dict, work: Path, timeout: float = 400) -> Process:
-    """`node-runtime serve` for real: the launcher's checks, then vLLM's CPU build."""
+def start_model_server(spec: dict, work: Path, timeout: float = 400, api_key: str | None = None) -> Process:
+    """`node-runtime serve` for real: the launcher's checks, then vLLM's CPU build (with `api_key`, the
+    key vLLM then requires on /v1, as the program runs replicas off the head)."""
     env = {**vllm_env(work), "NODE_RUNTIME_SERVE_SPEC": json.dumps(spec)}
+    if api_key:
+        env["VLLM_API_KEY"] = api_key
     server = Process(f"vllm-{spec['port']}", [str(BIN / "node-runtime"), "serve"], env, work)
     server.start()
     server.wait_until(lambda: http_ok(f"http://127.0.0.1:{spec['port']}/health"), timeout)
     return server
 
 
-def start_gateway(config: dict, work: Path, api_key: str | None) -> Process:
+def gateway_config(port: int, models: list[str], routes_dir: Path, ray_address: str, **overrides) -> dict:
+    """NODE_RUNTIME_GATEWAY_CONFIG as the program writes it (docs/runtime-contract.md)."""
+    return {"host": "127.0.0.1", "port": port, "models": models, "routes_dir": str(routes_dir),
+            "cluster": cluster_json(ray_address), **overrides}
+
+
+def route_path(routes_dir: Path, replica: str) -> Path:
+    return routes_dir / f"{replica.replace('/', '-')}.json"
+
+
+def write_route(routes_dir: Path, model: str, replica: str, url: str, node: str = "node-0") -> Path:
+    """A replica's route file as the program writes it: whole, renamed from a name the gateway ignores."""
+    path = route_path(routes_dir, replica)
+    temporary = path.with_name(f".{path.stem}.tmp")
+    temporary.write_text(json.dumps({"model": model, "replica": replica, "url": url, "node": node}))
+    temporary.rename(path)
+    return path
+
+
+def start_gateway(config: dict, work: Path, api_key: str | None, internal_key: str | None = None) -> Process:
     env = {**os.environ, "NODE_RUNTIME_GATEWAY_CONFIG": json.dumps(config)}
-    env.pop("NODE_RUNTIME_API_KEY", None)
-    if api_key:
-        env["NODE_RUNTIME_API_KEY"] = api_key
+    for variable, key in (("NODE_RUNTIME_API_KEY", api_key), ("NODE_RUNTIME_INTERNAL_KEY", internal_key)):
+        env.pop(variable, None)
+        if key:
+            env[variable] = key
     gateway = Process(f"gateway-{config['port']}", [str(BIN / "node-runtime"), "gateway"], env, work)
     gateway.start()
     gateway.wait_until(lambda: answers(f"http://127.0.0.1:{config['port']}/v1/models"), 60)
@@ -227,19 +262,20 @@ def _metrics_dirs() -> set[Path]:
 
 
 @contextmanager
-def gateway_with_two_workers(servers: list[dict], ray_address: str, work: Path):
-    """`node-runtime gateway` with `workers: 2`, as the container runs it: (its url, its pid).
+def gateway_with_two_workers(models: list[str], routes_dir: Path, ray_address: str, work: Path,
+                             internal_key: str | None = None):
+    """`node-runtime gateway` with `workers: 2`, as the container runs it: (its url, its process).
 
     Its log's tail is printed when it stops (pytest shows it for a failed test); once stopped, its
     workers' metrics directory must be gone.
     """
     dirs_before = _metrics_dirs()
     port = free_ports(1)[0]
-    config = {"host": "127.0.0.1", "port": port, "servers": servers, "cluster": cluster_json(ray_address), "workers": 2}
-    process = start_gateway(config, work, api_key=None)
+    config = gateway_config(port, models, routes_dir, ray_address, workers=2)
+    process = start_gateway(config, work, api_key=None, internal_key=internal_key)
     try:
         assert len(gateway_workers(process.proc.pid)) == 2
-        yield f"http://127.0.0.1:{port}", process.proc.pid
+        yield f"http://127.0.0.1:{port}", process
     finally:
         process.stop()
         print(f"gateway log:\n{process.tail(60)}")

@@ -16,7 +16,8 @@ import pytest
 from node_runtime.serving.gateway.generation_routes import read_body
 
 from .processes import (
-    ThreadServer, cluster_json, free_ports, gateway_with_two_workers, gateway_workers, metric_families, metric_values, paused,
+    ThreadServer, free_ports, gateway_config, gateway_with_two_workers, gateway_workers, metric_families, metric_values, paused,
+    write_route,
 )
 
 RELEASE = threading.Event()
@@ -74,17 +75,22 @@ def shaped_upstream():
 
 
 @pytest.fixture(scope="module")
-def stream_gateway(shaped_upstream):
-    from node_runtime.serving.gateway import create_app
-    from node_runtime.serving.spec import GatewayConfig
+def stream_routes(shaped_upstream, tmp_path_factory):
+    """Each model's one replica: the shaped upstream."""
+    routes = tmp_path_factory.mktemp("routes")
+    for name in ("held", "broken", "silent"):
+        write_route(routes, name, f"{name}/0", shaped_upstream)
+    return routes
+
+
+@pytest.fixture(scope="module")
+def stream_gateway(stream_routes):
+    from node_runtime.serving.gateway.app import create_app
+    from node_runtime.serving.gateway.config import GatewayConfig
 
     gateway_port = free_ports(1)[0]
-    config = GatewayConfig.model_validate({
-        "host": "127.0.0.1", "port": gateway_port, "request_timeout_s": 30,
-        "servers": [{"name": name, "url": shaped_upstream} for name in ("held", "broken", "silent")],
-        "cluster": cluster_json(NEVER_PROBED),
-    })
-    gateway = ThreadServer(create_app(config), gateway_port, "/v1/models")
+    config = gateway_config(gateway_port, ["held", "broken", "silent"], stream_routes, NEVER_PROBED, request_timeout_s=30)
+    gateway = ThreadServer(create_app(GatewayConfig.model_validate(config)), gateway_port, "/v1/models")
     yield gateway.url
     gateway.stop()
 
@@ -117,7 +123,7 @@ def test_a_stream_cut_upstream_is_cut_for_the_client(stream_gateway):
             assert response.status_code == 200
             b"".join(response.iter_raw())
     errors = metric_families(stream_gateway)["gateway_upstream_errors"]
-    assert any(sample.labels == {"model": "broken", "kind": "stream_broken"} and sample.value >= 1
+    assert any(sample.labels == {"model": "broken", "replica": "broken/0", "kind": "stream_broken"} and sample.value >= 1
                for sample in errors.samples)
 
 
@@ -146,10 +152,11 @@ def test_a_client_that_leaves_a_stream_is_hung_up_on_upstream(stream_gateway):
     assert HUNG_UP.wait(10), "the model server never saw the gateway hang up"
 
 
-def test_a_killed_worker_is_replaced_and_its_request_no_longer_in_flight(shaped_upstream, work_dir):
+def test_a_killed_worker_is_replaced_and_its_request_no_longer_in_flight(stream_routes, work_dir):
     """`workers: 2`, one killed mid-stream: uvicorn starts another, which drops the dead one's in-flight count."""
-    servers = [{"name": "silent", "url": shaped_upstream}]
-    with gateway_with_two_workers(servers, NEVER_PROBED, work_dir) as (url, pid), httpx.Client(timeout=30) as client:
+    with gateway_with_two_workers(["silent"], stream_routes, NEVER_PROBED, work_dir) as (url, process), \
+            httpx.Client(timeout=30) as client:
+        pid = process.proc.pid
         doomed, other = gateway_workers(pid)
         HUNG_UP.clear()
         request = client.build_request("POST", url + "/v1/completions", json={"model": "silent", "prompt": "x", "stream": True})

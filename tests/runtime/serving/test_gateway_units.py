@@ -1,13 +1,17 @@
+import json
+from pathlib import Path
+
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from node_runtime.serving.gateway.config import RouteFile
+from node_runtime.serving.gateway.drain import replica_load
 from node_runtime.serving.gateway.errors import GatewayError
 from node_runtime.serving.gateway.generate import BatchGenerateRequest, GenerateRequest, parse
 from node_runtime.serving.gateway.metrics import relabel_vllm_metrics
-from node_runtime.serving.gateway.upstream import pick_server
-from node_runtime.serving.spec import UpstreamServer
-
-SERVERS = {name: UpstreamServer(name=name, url=f"http://127.0.0.1:{port}") for name, port in (("a", 8101), ("b", 8102))}
+from node_runtime.serving.gateway.replicas import Pools
+from node_runtime.serving.gateway.route_files import RouteFiles
+from node_runtime.serving.gateway.upstream import served_model
 
 VLLM_METRICS = """# HELP vllm:num_requests_running Number of requests in model execution batches.
 # TYPE vllm:num_requests_running gauge
@@ -21,23 +25,25 @@ python_gc_objects_collected_total{generation="0"} 7.0
 """
 
 
-def test_pick_server():
-    assert pick_server(SERVERS, "b").name == "b"
-    assert pick_server({"a": SERVERS["a"]}, None).name == "a"
+def test_served_model():
+    assert served_model(["a", "b"], "b") == "b"
+    assert served_model(["a"], None) == "a"
     with pytest.raises(GatewayError) as unknown:
-        pick_server(SERVERS, "c")
+        served_model(["a", "b"], "c")
     assert unknown.value.status == 404 and "served models: a, b" in unknown.value.message
     with pytest.raises(GatewayError) as ambiguous:
-        pick_server(SERVERS, None)
+        served_model(["a", "b"], None)
     assert ambiguous.value.status == 422 and ambiguous.value.param == "model"
 
 
-def test_vllm_metrics_merged_with_a_model_label():
-    text = relabel_vllm_metrics({"a": VLLM_METRICS % ("a", 1, "a"), "b": VLLM_METRICS % ("b", 3, "b")}).decode()
+def test_vllm_metrics_merged_with_model_and_replica_labels():
+    text = relabel_vllm_metrics({("a", "a/0"): VLLM_METRICS % ("a", 1, "a"), ("a", "a/1"): VLLM_METRICS % ("a", 2, "a"),
+                                 ("b", "b/0"): VLLM_METRICS % ("b", 3, "b")}).decode()
     families = {family.name: family for family in text_string_to_metric_families(text)}
     assert set(families) == {"vllm:num_requests_running", "vllm:prompt_tokens"}  # only vllm:*
-    running = {sample.labels["model"]: sample.value for sample in families["vllm:num_requests_running"].samples}
-    assert running == {"a": 1.0, "b": 3.0}
+    running = {(sample.labels["model"], sample.labels["replica"]): sample.value
+               for sample in families["vllm:num_requests_running"].samples}
+    assert running == {("a", "a/0"): 1.0, ("a", "a/1"): 2.0, ("b", "b/0"): 3.0}
     assert text.count("# TYPE vllm:num_requests_running gauge") == 1
 
 
@@ -55,3 +61,107 @@ def test_parse_names_the_field_as_the_client_wrote_it(body, param, message):
         parse(model, body)
     assert invalid.value.status == 422 and invalid.value.param == param
     assert invalid.value.message.startswith(message), invalid.value.message
+
+
+def _route(model: str, index: int, port: int = 8100) -> RouteFile:
+    return RouteFile(model=model, replica=f"{model}/{index}", url=f"http://10.0.0.{index + 1}:{port}", node=f"node-{index}")
+
+
+def _healthy_pools(model: str, count: int) -> tuple[Pools, list]:
+    pools = Pools([model])
+    replicas = pools.apply({route.replica: route for route in (_route(model, i) for i in range(count))})
+    for replica in replicas:
+        pools.set_problem(replica, None)
+    return pools, replicas
+
+
+def test_pick_prefers_the_fewest_in_flight_and_breaks_ties_at_random():
+    pools, (a, b, c) = _healthy_pools("units-pick", 3)
+    a.begin(), a.begin(), b.begin()
+    assert {pools.pick("units-pick").id for _ in range(50)} == {c.id}
+    c.begin(), c.begin()  # a 2, b 1, c 2
+    assert pools.pick("units-pick") is b
+    assert pools.pick("units-pick", avoid=b) in (a, c)
+    b.begin()  # all at 2: each tied replica is picked, none always
+    picks = [pools.pick("units-pick").id for _ in range(300)]
+    assert {picks.count(replica.id) for replica in (a, b, c)} <= set(range(60, 141)), picks
+
+
+def test_a_model_without_a_healthy_replica_is_503_naming_each_problem():
+    pools = Pools(["units-down", "units-none"])
+    (replica,) = pools.apply({"units-down/0": _route("units-down", 0)})
+    assert replica.state == "starting"  # not checked yet: not picked
+    pools.set_problem(replica, "not reachable (ClientConnectorError)")
+    for model, expected in (("units-down", "units-down/0 on node-0: not reachable (ClientConnectorError)"),
+                            ("units-none", "no replica is routed")):
+        with pytest.raises(GatewayError) as none:
+            pools.pick(model)
+        assert none.value.status == 503 and none.value.code == "model_unavailable"
+        assert f"model '{model}'" in none.value.message and expected in none.value.message
+
+
+def test_a_replica_whose_route_goes_drains_and_is_then_forgotten():
+    pools, (old, kept) = _healthy_pools("units-drain", 2)
+    old.begin()
+    moved = _route("units-drain", 0, port=9100)  # the same id at a new address: a new replica
+    (new,) = pools.apply({"units-drain/0": moved, "units-drain/1": kept.route})
+    assert old.state == "draining" and pools.draining == [old] and new is not old
+    pools.set_problem(new, None)
+    assert {pools.pick("units-drain", avoid=kept) for _ in range(20)} == {new}  # never the draining one
+    old.end()
+    pools.forget_drained()
+    assert pools.draining == []
+
+
+def _write(directory: Path, name: str, text: str) -> None:
+    (directory / name).write_text(text)
+
+
+def test_route_files_are_read_when_the_directory_changes(tmp_path, caplog):
+    files = RouteFiles(str(tmp_path / "routes"), ["m", "n"])
+    with caplog.at_level("WARNING", logger="node_runtime.gateway"):
+        assert files.changed() == {} and files.changed() is None  # no directory yet: no route, said once
+    assert caplog.text.count("does not exist") == 1
+    (tmp_path / "routes").mkdir()
+    good = {"model": "m", "replica": "m/0", "url": "http://10.0.0.1:8100", "node": "w1"}
+    _write(tmp_path / "routes", "m-0.json", json.dumps(good))
+    _write(tmp_path / "routes", ".m-1.tmp", json.dumps({**good, "replica": "m/1"}))  # being written: not read
+    assert set(files.changed()) == {"m/0"}
+    assert files.changed() is None  # nothing changed: nothing read
+    _write(tmp_path / "routes", "m-1.json", json.dumps({**good, "replica": "m/1", "url": "http://10.0.0.2:8100"}))
+    routes = files.changed()
+    assert set(routes) == {"m/0", "m/1"} and routes["m/1"].base_url == "http://10.0.0.2:8100"
+
+
+@pytest.mark.parametrize("text, problem", [
+    ('{"model": "m", "replica": "m/9", "url": "http://h:1"', "not valid JSON"),
+    ('{"model": "m", "replica": "m/9", "url": "nope", "node": "w"}', "url: Input should be a valid URL"),
+    ('{"model": "m", "replica": "m/9", "url": "http://h:1", "nodes": "w"}', "nodes: unknown field"),
+    ('{"model": "x", "replica": "m/9", "url": "http://h:1", "node": "w"}', "model: 'x' is not one of the config's models (m)"),
+    ('{"model": "m", "replica": "m/0", "url": "http://h:1", "node": "w"}', "replica: 'm/0' is already declared"),
+])
+def test_a_bad_route_file_is_logged_once_naming_the_file_and_field_and_ignored(tmp_path, caplog, text, problem):
+    _write(tmp_path, "a-good.json", '{"model": "m", "replica": "m/0", "url": "http://h:1", "node": "w"}')
+    _write(tmp_path, "bad.json", text)
+    files = RouteFiles(str(tmp_path), ["m"])
+    with caplog.at_level("WARNING", logger="node_runtime.gateway"):
+        assert set(files.changed()) == {"m/0"}
+        _write(tmp_path, "z-other.json", '{"model": "m", "replica": "m/5", "url": "http://h:5", "node": "w"}')
+        assert set(files.changed()) == {"m/0", "m/5"}  # read again: bad.json unchanged, not logged again
+    (line,) = [record.getMessage() for record in caplog.records]
+    assert f"route file {tmp_path / 'bad.json'}" in line and problem in line and "ignored" in line
+
+
+METRICS_WHILE_DRAINING = """# TYPE gateway_replica_routed gauge
+gateway_replica_routed{model="m",replica="m/0"} 0.0
+gateway_replica_routed{model="m",replica="m/1"} 2.0
+# TYPE gateway_replica_in_flight gauge
+gateway_replica_in_flight{model="m",replica="m/0"} 3.0
+gateway_replica_in_flight{model="m",replica="m/1"} 1.0
+"""
+
+
+def test_replica_load_reads_the_summed_gauges():
+    assert replica_load(METRICS_WHILE_DRAINING, "m/0") == (0.0, 3.0)
+    assert replica_load(METRICS_WHILE_DRAINING, "m/1") == (2.0, 1.0)
+    assert replica_load(METRICS_WHILE_DRAINING, "m/7") == (0.0, 0.0)  # never known: nothing to drain

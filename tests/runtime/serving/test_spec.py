@@ -3,7 +3,7 @@ import json
 import pytest
 from pydantic import ValidationError
 
-from node_runtime.serving.spec import ClusterSpec, GatewayConfig, ServeSpec, describe_validation_error
+from node_runtime.serving.spec import ClusterSpec, ServeSpec, describe_validation_error
 
 # The examples of docs/runtime-contract.md, verbatim.
 CONTRACT_SERVE = """{
@@ -18,20 +18,11 @@ CONTRACT_SERVE = """{
   "extra_args": [],
   "cluster": {"ray_address": "10.0.0.1:6379", "expected_nodes": 3, "expected_gpus": 24, "timeout_s": 900}
 }"""
-CONTRACT_GATEWAY = """{
-  "host": "0.0.0.0", "port": 8000,
-  "servers": [{"name": "Llama-3-8B-Instruct", "url": "http://127.0.0.1:8100"}],
-  "cluster": {"ray_address": "10.0.0.1:6379", "expected_nodes": 3, "expected_gpus": 24, "timeout_s": 900},
-  "max_batch_size": 64,
-  "request_timeout_s": 600
-}"""
 
 
 def test_contract_examples_parse():
     serve = ServeSpec.model_validate_json(CONTRACT_SERVE)
     assert serve.cluster.expected_gpus == 24 and serve.accelerator == "dcu" and serve.max_num_batched_tokens is None
-    gateway = GatewayConfig.model_validate_json(CONTRACT_GATEWAY)
-    assert gateway.servers[0].name == "Llama-3-8B-Instruct" and gateway.max_batch_size == 64
 
 
 def _error_for(model, data) -> str:
@@ -53,15 +44,6 @@ def test_bad_values_are_named_by_path():
     data["model_path"] = "relative/path"
     message = _error_for(ServeSpec, data)
     assert "SPEC: accelerator:" in message and "SPEC: model_path:" in message
-
-
-def test_gateway_rejects_duplicate_names_and_bad_url():
-    data = json.loads(CONTRACT_GATEWAY)
-    data["servers"].append(dict(data["servers"][0]))
-    assert "repeated: Llama-3-8B-Instruct" in _error_for(GatewayConfig, data)
-    data = json.loads(CONTRACT_GATEWAY)
-    data["servers"][0]["url"] = "not a url"
-    assert "servers.0.url" in _error_for(GatewayConfig, data)
 
 
 def test_the_layout_is_concrete():

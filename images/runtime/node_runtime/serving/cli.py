@@ -11,11 +11,13 @@ from node_runtime.errors import exits_cleanly, fail
 from node_runtime.serving.cluster import ClusterNotReady, wait_for_cluster
 from node_runtime.serving.launcher import LaunchError, launch
 from node_runtime.serving.quantization import QuantizationError
-from node_runtime.serving.spec import ClusterSpec, GatewayConfig, ServeSpec, describe_validation_error
+from node_runtime.serving.gateway.config import GatewayConfig
+from node_runtime.serving.spec import ClusterSpec, ServeSpec, describe_validation_error
 
 SERVE_SPEC_ENV = "NODE_RUNTIME_SERVE_SPEC"
 GATEWAY_CONFIG_ENV = "NODE_RUNTIME_GATEWAY_CONFIG"
 API_KEY_ENV = "NODE_RUNTIME_API_KEY"
+INTERNAL_KEY_ENV = "NODE_RUNTIME_INTERNAL_KEY"
 
 FAILED_CHECKS = (ClusterNotReady, LaunchError, QuantizationError)
 Spec = TypeVar("Spec", bound=BaseModel)
@@ -40,8 +42,14 @@ def serve() -> None:
     launch(spec_from_env(SERVE_SPEC_ENV, ServeSpec))
 
 
-def gateway() -> None:
-    """Run the HTTP gateway (config from NODE_RUNTIME_GATEWAY_CONFIG, API key from NODE_RUNTIME_API_KEY)."""
+gateway_commands = typer.Typer(invoke_without_command=True)
+
+
+@gateway_commands.callback()
+def gateway(context: typer.Context) -> None:
+    """Run the HTTP gateway (config from NODE_RUNTIME_GATEWAY_CONFIG, API keys from NODE_RUNTIME_API_KEY and NODE_RUNTIME_INTERNAL_KEY)."""
+    if context.invoked_subcommand is not None:
+        return
     import uvicorn
 
     from node_runtime.serving.gateway.metrics import shared_between_processes
@@ -57,9 +65,28 @@ def gateway() -> None:
 
 def gateway_app():
     """The gateway's ASGI app, in whichever process uvicorn runs it."""
-    from node_runtime.serving.gateway import create_app
+    from node_runtime.serving.gateway.app import create_app
 
-    return create_app(spec_from_env(GATEWAY_CONFIG_ENV, GatewayConfig), api_key=os.environ.get(API_KEY_ENV))
+    return create_app(spec_from_env(GATEWAY_CONFIG_ENV, GatewayConfig), api_key=os.environ.get(API_KEY_ENV),
+                      internal_key=os.environ.get(INTERNAL_KEY_ENV))
+
+
+@gateway_commands.command("drain")
+def drain(
+    replica: Annotated[str, typer.Option(help="the replica's id, as its route file names it")],
+    metrics_url: Annotated[str, typer.Option(help="the gateway's /metrics URL")],
+    timeout: Annotated[float, typer.Option(min=0, help="seconds to wait for its requests to end")] = 120,
+) -> None:
+    """Exit 0 once no gateway worker routes to REPLICA and none of its requests is in flight (at once if the
+    gateway is not reachable); after the timeout exit 0 too, warning what was still in flight."""
+    from node_runtime.serving.gateway.drain import drain as wait_drained
+
+    still = wait_drained(replica, metrics_url, timeout, report=lambda line: typer.echo(line, err=True))
+    if still is None:
+        typer.echo(f"replica {replica} drained")
+    else:
+        typer.echo(f"warning: replica {replica} not drained after {timeout:g}s: {still}; removing it cuts those requests",
+                   err=True)
 
 
 cluster_app = typer.Typer(no_args_is_help=True, help="The Ray cluster's readiness.")
@@ -82,4 +109,4 @@ def wait(
     typer.echo(f"Ray cluster at {address} ready: {state.nodes} nodes, {state.gpus:g} GPUs")
 
 
-__all__ = ["serve", "gateway", "cluster_app"]
+__all__ = ["serve", "gateway_commands", "cluster_app"]

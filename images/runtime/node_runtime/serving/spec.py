@@ -1,4 +1,4 @@
-"""The JSON the Pulumi components hand to `node-runtime serve` and `node-runtime gateway`.
+"""The JSON the Pulumi components hand to `node-runtime serve` (the gateway's is in serving/gateway/config.py).
 
 These models are the contract of docs/runtime-contract.md: unknown keys are rejected, so a
 mistyped key fails at once with its name instead of being silently ignored.
@@ -6,7 +6,7 @@ mistyped key fails at once with its name instead of being silently ignored.
 
 from typing import Literal
 
-from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 
 class _Strict(BaseModel):
@@ -49,31 +49,6 @@ class ServeSpec(_Strict):
     @property
     def world_size(self) -> int:
         return self.tensor_parallel_size * self.pipeline_parallel_size
-
-
-class UpstreamServer(_Strict):
-    name: str = Field(min_length=1, description="the served model name clients ask for")
-    url: AnyHttpUrl
-
-
-class GatewayConfig(_Strict):
-    """What `node-runtime gateway` reads from NODE_RUNTIME_GATEWAY_CONFIG."""
-
-    host: str = "0.0.0.0"
-    port: int = Field(8000, ge=1, le=65535)
-    servers: list[UpstreamServer] = Field(min_length=1)
-    cluster: ClusterSpec
-    max_batch_size: int = Field(64, ge=1)
-    request_timeout_s: float = Field(600, gt=0)
-    workers: int = Field(1, ge=1, le=64)
-
-    @model_validator(mode="after")
-    def _unique_names(self) -> "GatewayConfig":
-        names = [server.name for server in self.servers]
-        duplicates = sorted({name for name in names if names.count(name) > 1})
-        if duplicates:
-            raise ValueError(f"servers: each name must be unique, repeated: {', '.join(duplicates)}")
-        return self
 
 
 def describe_validation_error(error: ValidationError, source: str) -> str:

@@ -1,11 +1,13 @@
 """The gateway app: metrics outermost, then the POST routes (GenerationRoutes), then FastAPI for the GET
-routes and the lifespan, which makes the upstream client (aiohttp, see upstream.py). All three are
-built from the one route table of routes.py.
+routes and the lifespan, which makes the upstream client (aiohttp, see upstream.py) and keeps the
+replicas' pools current (route_files.py, health.py). All three are built from the one route table of
+routes.py.
 
 The two plain ASGI layers sit outside FastAPI, not inside as its middleware: a POST then skips
 Starlette's own outermost layers (the app-in-scope and server-error wrappers of every send).
 """
 
+import asyncio
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -13,28 +15,43 @@ from starlette.responses import Response
 
 from node_runtime import __version__
 from node_runtime.serving.gateway.auth import check_api_key
+from node_runtime.serving.gateway.config import GatewayConfig
 from node_runtime.serving.gateway.errors import install_error_handlers
 from node_runtime.serving.gateway.generation_routes import GenerationRoutes
-from node_runtime.serving.gateway.health import ClusterMonitor
+from node_runtime.serving.gateway.health import CHECK_INTERVAL_S, ClusterMonitor, check_replicas, keep_checking
 from node_runtime.serving.gateway.metrics import RequestMetricsMiddleware, counted_worker
+from node_runtime.serving.gateway.replicas import Pools
+from node_runtime.serving.gateway.route_files import RouteFiles, follow
 from node_runtime.serving.gateway.routes import ROUTES, Route
 from node_runtime.serving.gateway.state import GatewayState
 from node_runtime.serving.gateway.upstream import upstream_session
-from node_runtime.serving.spec import GatewayConfig
 
 
-def create_app(config: GatewayConfig, api_key: str | None = None, *, cluster_ttl_s: float = 10.0) -> RequestMetricsMiddleware:
+def create_app(config: GatewayConfig, api_key: str | None = None, internal_key: str | None = None, *,
+               cluster_ttl_s: float = 10.0, check_interval_s: float = CHECK_INTERVAL_S) -> RequestMetricsMiddleware:
+    """`api_key`: what clients must send; `internal_key`: what the gateway sends the replicas."""
     state = GatewayState(
-        config=config, api_key=api_key or None, servers={server.name: server for server in config.servers},
+        config=config, api_key=api_key or None, pools=Pools(config.models),
+        route_files=RouteFiles(config.routes_dir, config.models),
         cluster=ClusterMonitor(config.cluster, ttl_s=cluster_ttl_s), endpoints=tuple(route.path for route in ROUTES),
     )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         with counted_worker():
-            async with upstream_session(config.request_timeout_s) as session:
+            async with upstream_session(config.request_timeout_s, internal_key or None) as session:
                 state.client = session
-                yield
+                # Routed and checked before the first request: a (re)started gateway answers at once.
+                await check_replicas(session, state.pools, state.pools.apply(state.route_files.changed()))
+                added = asyncio.Event()
+                background = [asyncio.ensure_future(follow(state.route_files, state.pools, added)),
+                              asyncio.ensure_future(keep_checking(session, state.pools, added, check_interval_s))]
+                try:
+                    yield
+                finally:
+                    for task in background:
+                        task.cancel()
+                    await asyncio.gather(*background, return_exceptions=True)
 
     # No /docs, /redoc or /openapi.json: the API is OpenAI's plus docs/runtime-contract.md, and
     # every request would first be matched against those routes.

@@ -12,7 +12,6 @@ from starlette.responses import JSONResponse, Response
 from node_runtime.serving.gateway.errors import GatewayError, validation_message
 from node_runtime.serving.gateway.state import GatewayState
 from node_runtime.serving.gateway.upstream import pass_through, post_upstream, route
-from node_runtime.serving.spec import UpstreamServer
 
 
 class Sampling(BaseModel):
@@ -27,9 +26,9 @@ class Sampling(BaseModel):
     seed: int | None = None
     n: int = Field(1, ge=1)
 
-    def completion_body(self, server: UpstreamServer, prompt: str, *, stream: bool = False) -> dict:
+    def completion_body(self, model: str, prompt: str, *, stream: bool = False) -> dict:
         fields = self.model_dump(exclude={"model", "prompt", "prompts", "stream"}, exclude_none=True)
-        return {"model": server.name, "prompt": prompt, "stream": stream, **fields}
+        return {"model": model, "prompt": prompt, "stream": stream, **fields}
 
 
 class GenerateRequest(Sampling):
@@ -57,9 +56,9 @@ def parse(model: type[BaseModel], body: bytes):
         raise GatewayError(422, message, param=field, code="invalid_request") from None
 
 
-async def complete(state: GatewayState, scope: dict, server: UpstreamServer, body: dict, *, where: str | None = None) -> dict:
-    response, content = await post_upstream(state.client, scope, server, "/v1/completions", json.dumps(body).encode())
-    if response.status == 200:
+async def complete(state: GatewayState, scope: dict, model: str, body: dict, *, where: str | None = None) -> dict:
+    status, content = await post_upstream(state, scope, model, "/v1/completions", json.dumps(body).encode())
+    if status == 200:
         return json.loads(content)
     try:
         error = json.loads(content)["error"]
@@ -69,19 +68,18 @@ async def complete(state: GatewayState, scope: dict, server: UpstreamServer, bod
     if where:
         message, param = f"{where}: {message}", where if param in (None, "prompt") else param
     # The server rejected a field the gateway passed on: to the client that is a bad field (422).
-    status = 422 if response.status == 400 else response.status
+    status = 422 if status == 400 else status
     raise GatewayError(status, message, param=param, code="upstream_rejected")
 
 
 async def generate(state: GatewayState, scope: dict, body: bytes) -> Response:
     request = parse(GenerateRequest, body)
-    server = route(state, scope, request.model)
-    completion_body = request.completion_body(server, request.prompt, stream=request.stream)
+    model = route(state, scope, request.model)
+    completion_body = request.completion_body(model, request.prompt, stream=request.stream)
     if request.stream:
-        return await pass_through(state.client, scope, server, "/v1/completions", json.dumps(completion_body).encode(),
-                                  stream=True)
-    completion = await complete(state, scope, server, completion_body)
-    return JSONResponse({"id": completion["id"], "model": server.name, **generation_result(completion)})
+        return await pass_through(state, scope, model, "/v1/completions", json.dumps(completion_body).encode(), stream=True)
+    completion = await complete(state, scope, model, completion_body)
+    return JSONResponse({"id": completion["id"], "model": model, **generation_result(completion)})
 
 
 async def batch_generate(state: GatewayState, scope: dict, body: bytes) -> Response:
@@ -90,12 +88,13 @@ async def batch_generate(state: GatewayState, scope: dict, body: bytes) -> Respo
     if len(request.prompts) > limit:
         raise GatewayError(413, f"prompts has {len(request.prompts)} items, more than max_batch_size {limit}: "
                                 "split the batch", param="prompts", code="batch_too_large")
-    server = route(state, scope, request.model)
-    # All at once: vLLM's scheduler batches concurrent requests (continuous batching).
+    model = route(state, scope, request.model)
+    # All at once: vLLM's scheduler batches concurrent requests (continuous batching), and each
+    # prompt goes to the least busy replica when it is sent, so a batch spreads over the pool.
     completions = await asyncio.gather(*(
-        complete(state, scope, server, request.completion_body(server, prompt), where=f"prompts[{i}]")
+        complete(state, scope, model, request.completion_body(model, prompt), where=f"prompts[{i}]")
         for i, prompt in enumerate(request.prompts)
     ))
     results = [generation_result(completion) for completion in completions]
     usage = {key: sum(result["usage"][key] for result in results) for key in ("prompt_tokens", "completion_tokens", "total_tokens")}
-    return JSONResponse({"model": server.name, "results": results, "usage": usage})
+    return JSONResponse({"model": model, "results": results, "usage": usage})

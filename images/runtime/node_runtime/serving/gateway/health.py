@@ -1,24 +1,55 @@
-"""What /health and / report: each model server's own /health, and the Ray cluster's state."""
+"""What /health and / report, found in the background so that asking costs nothing: each replica's
+own /health, checked every couple of seconds, and the Ray cluster's state, probed at most every
+few seconds however often it is asked.
+"""
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass
 
 import aiohttp
 
 from node_runtime.serving.cluster import ClusterState, ClusterUnreachable, probe_async
-from node_runtime.serving.gateway.upstream import HEALTH_TIMEOUT, base_url
-from node_runtime.serving.spec import ClusterSpec, UpstreamServer
+from node_runtime.serving.gateway.replicas import Pools, Replica
+from node_runtime.serving.spec import ClusterSpec
+
+log = logging.getLogger("node_runtime.gateway")
+
+CHECK_INTERVAL_S = 2.0
+# Short: a replica whose /health takes longer is busy enough to be left out until it answers again.
+CHECK_TIMEOUT = aiohttp.ClientTimeout(total=2.0)
 
 
-async def server_problem(session: aiohttp.ClientSession, server: UpstreamServer) -> str | None:
-    """None when the server's own /health answers 200, else what is wrong."""
+async def replica_problem(session: aiohttp.ClientSession, url: str) -> str | None:
+    """None when the replica's own /health answers 200, else what is wrong."""
     try:
-        async with session.get(base_url(server) + "/health", timeout=HEALTH_TIMEOUT) as response:
+        async with session.get(url + "/health", timeout=CHECK_TIMEOUT) as response:
             status = response.status
     except (aiohttp.ClientError, asyncio.TimeoutError) as error:
         return f"not reachable ({type(error).__name__})"
     return None if status == 200 else f"its /health answered {status}"
+
+
+async def check_replicas(session: aiohttp.ClientSession, pools: Pools, replicas: list[Replica]) -> None:
+    """Each replica's health checked at once; a failing one leaves its pool, a passing one (re)joins."""
+    problems = await asyncio.gather(*(replica_problem(session, replica.url) for replica in replicas))
+    for replica, problem in zip(replicas, problems):
+        pools.set_problem(replica, problem)
+
+
+async def keep_checking(session: aiohttp.ClientSession, pools: Pools, now: asyncio.Event, interval_s: float) -> None:
+    """Every `interval_s`, or at once when `now` is set (replicas were added), every routed replica."""
+    while True:
+        try:
+            await asyncio.wait_for(now.wait(), interval_s)
+        except asyncio.TimeoutError:
+            pass
+        now.clear()
+        try:
+            await check_replicas(session, pools, list(pools.replicas.values()))
+        except Exception:  # noqa: BLE001 — a bug here must not stop the checks for good
+            log.exception("checking the replicas' health failed")
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from pathlib import Path
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 from prometheus_client.parser import text_string_to_metric_families
 
-# Bounded labels only: endpoint from the route table (routes.py), model from the configured servers.
+# Bounded labels only: endpoint from the route table (routes.py), model from the config's models.
 NO_MODEL = "none"
 
 REQUESTS = Counter("gateway_requests", "Requests answered, by endpoint, model and HTTP status", ["endpoint", "model", "status"])
@@ -20,7 +20,17 @@ LATENCY = Histogram(
 )
 # livesum: with several workers, the sum over the live ones (ignored with one process).
 IN_FLIGHT = Gauge("gateway_requests_in_flight", "Requests being answered", ["endpoint"], multiprocess_mode="livesum")
-UPSTREAM_ERRORS = Counter("gateway_upstream_errors", "Failed calls to a model server", ["model", "kind"])
+# Per replica: labels from the route files, which the program keeps to a bounded set (a model's
+# replicas by index). The gauges are what `node-runtime gateway drain` waits on, summed over workers.
+UPSTREAM_REQUESTS = Counter("gateway_upstream_requests", "Calls to a replica, by its HTTP status (none: no answer)",
+                            ["model", "replica", "status"])
+UPSTREAM_ERRORS = Counter("gateway_upstream_errors", "Failed calls to a replica, by kind", ["model", "replica", "kind"])
+REPLICA_IN_FLIGHT = Gauge("gateway_replica_in_flight", "Calls a replica is answering (streams until their end)",
+                          ["model", "replica"], multiprocess_mode="livesum")
+REPLICA_ROUTED = Gauge("gateway_replica_routed", "Gateway workers that may send the replica new requests (its route file is there)",
+                       ["model", "replica"], multiprocess_mode="livesum")
+REPLICA_HEALTHY = Gauge("gateway_replica_healthy", "1 while the replica passes every worker's health probe",
+                        ["model", "replica"], multiprocess_mode="livemin")
 
 
 @functools.cache  # the labels are bounded, and .labels() is a locked lookup on every call
@@ -79,15 +89,17 @@ class _Families:
         return self._families
 
 
-def relabel_vllm_metrics(texts: dict[str, str]) -> bytes:
-    """Each server's vllm:* families, merged by name, every sample labelled model=<served name>."""
+def relabel_vllm_metrics(texts: dict[tuple[str, str], str]) -> bytes:
+    """Each replica's vllm:* families, merged by name, every sample labelled with the replica's model
+    (served name) and replica: `texts` by (model, replica)."""
     merged = {}
-    for model, text in texts.items():
+    for (model, replica), text in texts.items():
         for family in text_string_to_metric_families(text):
             if not family.name.startswith("vllm:"):
                 continue
             target = merged.setdefault(family.name, family)
-            samples = [sample._replace(labels={**sample.labels, "model": model}) for sample in family.samples]
+            samples = [sample._replace(labels={**sample.labels, "model": model, "replica": replica})
+                       for sample in family.samples]
             if target is family:
                 family.samples = samples
             else:

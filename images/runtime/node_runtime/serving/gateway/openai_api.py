@@ -15,7 +15,7 @@ from node_runtime.serving.gateway.upstream import pass_through, route
 
 async def models(state: GatewayState, scope: dict, body: bytes) -> Response:
     return JSONResponse({"object": "list", "data": [
-        {"id": name, "object": "model", "owned_by": "node-runtime"} for name in state.servers
+        {"id": name, "object": "model", "owned_by": "node-runtime"} for name in state.config.models
     ]})
 
 
@@ -34,6 +34,6 @@ def routing_fields(body: bytes) -> tuple[str | None, bool]:
 
 
 async def forward(state: GatewayState, scope: dict, body: bytes) -> Response:
-    """POST /v1/completions and /v1/chat/completions: to the same path on the model's server."""
+    """POST /v1/completions and /v1/chat/completions: to the same path on a replica of the model."""
     model, stream = routing_fields(body)
-    return await pass_through(state.client, scope, route(state, scope, model), scope["path"], body, stream=stream)
+    return await pass_through(state, scope, route(state, scope, model), scope["path"], body, stream=stream)

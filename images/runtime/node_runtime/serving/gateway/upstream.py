@@ -1,4 +1,8 @@
-"""Talking to the model servers: routing by model and pass-through.
+"""Talking to the replicas: the model a request asks for, the replica that answers it, pass-through.
+
+A call that finds its replica unreachable, or dropped before the first byte of the answer, is sent
+once more to another replica of the model (replicas.py picks it); a call whose answer has started
+is never sent again.
 
 The upstream client is aiohttp's, not httpx (which STYLE.md suggests); measured evidence overrides
 the style guide here. Against a fixed-answer upstream on the same machine, swapping httpx's
@@ -17,76 +21,85 @@ import aiohttp
 from fastapi.responses import Response, StreamingResponse
 
 from node_runtime.serving.gateway.errors import GatewayError
-from node_runtime.serving.gateway.metrics import UPSTREAM_ERRORS
-from node_runtime.serving.spec import UpstreamServer
+from node_runtime.serving.gateway.replicas import Pools, Replica
+from node_runtime.serving.gateway.state import GatewayState
 
 # Hop-by-hop headers belong to one connection; date and server are the gateway's own (uvicorn's).
 NOT_RELAYED = frozenset({
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
     "transfer-encoding", "upgrade", "date", "server",
 })
-HEALTH_TIMEOUT = aiohttp.ClientTimeout(total=5.0)
+# What a replica that never answered may have failed with: its request is safe to send elsewhere.
+NOT_ANSWERED = (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError, aiohttp.ClientConnectionResetError,
+                aiohttp.ConnectionTimeoutError)
 # Below the model server's own idle keep-alive (uvicorn's 5 s in vLLM), so the gateway never sends
 # on a connection the server is about to close.
 KEEPALIVE_S = 4.0
 
 
-def upstream_session(request_timeout_s: float) -> aiohttp.ClientSession:
-    """One pooled HTTP/1.1 keep-alive session for every model server.
+def upstream_session(request_timeout_s: float, internal_key: str | None) -> aiohttp.ClientSession:
+    """One pooled HTTP/1.1 keep-alive session for every replica.
 
     No connection limit: /batch_generate sends up to max_batch_size requests at once, by design.
     `sock_read` bounds the wait for each next byte (a stream may run long, a stall may not); bodies
-    are relayed exactly as sent, so nothing is decompressed and no compression is asked for.
+    are relayed exactly as sent, so nothing is decompressed and no compression is asked for. The
+    internal key (replicas off the head run vLLM with --api-key) goes on every call; a client's
+    own Authorization header is never passed on.
     """
     return aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=KEEPALIVE_S),
         timeout=aiohttp.ClientTimeout(total=None, sock_connect=5.0, sock_read=request_timeout_s),
         auto_decompress=False, skip_auto_headers=("Accept-Encoding",),
+        headers={"Authorization": f"Bearer {internal_key}"} if internal_key else None,
     )
 
 
-def base_url(server: UpstreamServer) -> str:
-    return str(server.url).rstrip("/")
-
-
-def pick_server(servers: dict[str, UpstreamServer], model: str | None) -> UpstreamServer:
-    """The server for a request's `model`; it may be left out only when one model is served."""
-    served = ", ".join(servers)
+def served_model(models: list[str], model: str | None) -> str:
+    """The served name a request's `model` asks for; it may be left out only when one model is served."""
     if model is None:
-        if len(servers) == 1:
-            return next(iter(servers.values()))
-        raise GatewayError(422, f"model is required when several models are served: {served}", param="model",
-                           code="model_required")
-    try:
-        return servers[model]
-    except KeyError:
-        raise GatewayError(404, f"model '{model}' is not served here; served models: {served}", param="model",
-                           code="model_not_found") from None
+        if len(models) == 1:
+            return models[0]
+        raise GatewayError(422, f"model is required when several models are served: {', '.join(models)}",
+                           param="model", code="model_required")
+    if model not in models:
+        raise GatewayError(404, f"model '{model}' is not served here; served models: {', '.join(models)}",
+                           param="model", code="model_not_found")
+    return model
 
 
-def route(state, scope: dict, model: str | None) -> UpstreamServer:
-    """pick_server, noting the model in the scope: RequestMetricsMiddleware labels the request by it."""
-    server = pick_server(state.servers, model)
-    scope.setdefault("state", {})["model"] = server.name
-    return server
+def route(state: GatewayState, scope: dict, model: str | None) -> str:
+    """served_model, noting the model in the scope: RequestMetricsMiddleware labels the request by it."""
+    name = served_model(state.config.models, model)
+    scope.setdefault("state", {})["model"] = name
+    return name
+
+
+class NotAnswered(GatewayError):
+    """The replica was not reached, or hung up before answering: the call may go to another."""
 
 
 @contextmanager
-def upstream_errors(server: UpstreamServer):
-    """A model server that cannot be reached is a 503, a slow one a 504."""
+def upstream_errors(pools: Pools, replica: Replica, *, answer_started: bool):
+    """A replica that cannot be reached is a 503 (and out of its pool until its health check passes
+    again), a slow one a 504."""
     try:
         yield
-    except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as down:
-        UPSTREAM_ERRORS.labels(server.name, "unreachable").inc()
-        raise GatewayError(503, f"model server for '{server.name}' is not reachable ({type(down).__name__}): "
-                                "it may be starting or down; see /health", code="model_unavailable") from None
+    except NOT_ANSWERED as down:
+        if answer_started:
+            replica.failed("protocol")
+            raise GatewayError(503, f"replica {replica.id} of '{replica.model}' failed mid-answer ({type(down).__name__}); "
+                                    "see /health", code="model_unavailable") from None
+        replica.failed("unreachable", answered=False)
+        pools.set_problem(replica, f"not reachable ({type(down).__name__}) by a request")
+        raise NotAnswered(503, f"replica {replica.id} of '{replica.model}' is not reachable ({type(down).__name__}): "
+                               "see /health", code="model_unavailable") from None
     except asyncio.TimeoutError as slow:
-        UPSTREAM_ERRORS.labels(server.name, "timeout").inc()
-        raise GatewayError(504, f"model server for '{server.name}' did not answer in time ({type(slow).__name__}); "
+        replica.failed("timeout", answered=answer_started)
+        raise GatewayError(504, f"replica {replica.id} of '{replica.model}' did not answer in time ({type(slow).__name__}); "
                                 "retry, or raise request_timeout_s", code="model_timeout") from None
     except aiohttp.ClientError as broken:
-        UPSTREAM_ERRORS.labels(server.name, "protocol").inc()
-        raise GatewayError(503, f"model server for '{server.name}' failed mid-request ({type(broken).__name__}); "
+        replica.failed("protocol", answered=answer_started)
+        raise GatewayError(503, f"replica {replica.id} of '{replica.model}' failed mid-request ({type(broken).__name__}); "
                                 "see /health", code="model_unavailable") from None
 
 
@@ -106,45 +119,84 @@ def request_id(scope: dict) -> str:
     return rid
 
 
-async def post_upstream(session: aiohttp.ClientSession, scope: dict, server: UpstreamServer, path: str, body: bytes,
-                        *, stream: bool = False) -> tuple[aiohttp.ClientResponse, bytes | None]:
-    """POST a JSON body to a model server: (response, its whole body), or (open response, None) for a stream."""
+async def _send(state: GatewayState, scope: dict, model: str, path: str, body: bytes) -> tuple[Replica, aiohttp.ClientResponse]:
+    """POST to the least busy healthy replica, once more to another if it never answered: the answer's
+    head, its replica counted in flight until the caller calls end()."""
     headers = {"content-type": "application/json", "accept": header(scope, b"accept") or "*/*",
                "x-request-id": request_id(scope)}
-    with upstream_errors(server):
-        response = await session.post(base_url(server) + path, data=body, headers=headers)
-        if stream:
-            return response, None
-        return response, await response.read()
+    failed = None
+    while True:
+        replica = state.pools.pick(model, avoid=failed)
+        replica.begin()
+        try:
+            with upstream_errors(state.pools, replica, answer_started=False):
+                response = await state.client.post(replica.url + path, data=body, headers=headers)
+        except NotAnswered:
+            replica.end()
+            if failed is not None:
+                raise
+            failed = replica
+            continue
+        except BaseException:
+            replica.end()
+            raise
+        replica.answered(response.status)
+        if response.status >= 500:
+            replica.failed("http_5xx")
+        return replica, response
 
 
-async def _relay(response: aiohttp.ClientResponse, server: UpstreamServer):
-    """Chunks as they arrive; the upstream connection is freed (or dropped, if unread) whatever happens.
+async def _whole_answer(state: GatewayState, replica: Replica, response: aiohttp.ClientResponse) -> bytes:
+    try:
+        with upstream_errors(state.pools, replica, answer_started=True):
+            return await response.read()
+    finally:
+        response.release()
+        replica.end()
+
+
+async def post_upstream(state: GatewayState, scope: dict, model: str, path: str, body: bytes) -> tuple[int, bytes]:
+    """POST a JSON body to a replica of `model`: its status and whole body."""
+    replica, response = await _send(state, scope, model, path, body)
+    return response.status, await _whole_answer(state, replica, response)
+
+
+class RelayedStream(StreamingResponse):
+    """A replica's stream, chunk by chunk as it comes; its connection is freed (or dropped, if unread)
+    and its replica's call ended however the stream ends: finished, cut, or its client gone.
 
     A failure mid-stream cannot become an error answer any more (the status line is sent): it is
     counted and the client's connection is dropped, so a cut stream never looks complete.
     """
-    try:
-        async for chunk in response.content.iter_any():
-            yield chunk
-    except (aiohttp.ClientError, asyncio.TimeoutError):
-        UPSTREAM_ERRORS.labels(server.name, "stream_broken").inc()
-        raise
-    finally:
-        response.release()
+
+    def __init__(self, replica: Replica, response: aiohttp.ClientResponse, headers: dict[str, str]):
+        self.replica, self.upstream = replica, response
+        super().__init__(self._chunks(), status_code=response.status, headers=headers)
+
+    async def _chunks(self):
+        try:
+            async for chunk in self.upstream.content.iter_any():
+                yield chunk
+        except (aiohttp.ClientError, asyncio.TimeoutError):
+            self.replica.failed("stream_broken")
+            raise
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.upstream.release()
+            self.replica.end()
 
 
-async def pass_through(session: aiohttp.ClientSession, scope: dict, server: UpstreamServer, path: str, body: bytes,
-                       *, stream: bool) -> Response:
+async def pass_through(state: GatewayState, scope: dict, model: str, path: str, body: bytes, *, stream: bool) -> Response:
     """Forward the client's bytes unchanged; a stream (SSE) goes back chunk by chunk as it comes.
 
     A non-streaming answer is relayed in one piece: same bytes, fewer writes than a stream.
     """
-    response, content = await post_upstream(session, scope, server, path, body, stream=stream)
-    if response.status >= 500:
-        UPSTREAM_ERRORS.labels(server.name, "http_5xx").inc()
+    replica, response = await _send(state, scope, model, path, body)
     headers = {name: value for name, value in response.headers.items() if name.lower() not in NOT_RELAYED}
     headers["x-request-id"] = request_id(scope)
-    if content is not None:
-        return Response(content, status_code=response.status, headers=headers)
-    return StreamingResponse(_relay(response, server), status_code=response.status, headers=headers)
+    if stream:
+        return RelayedStream(replica, response, headers)
+    return Response(await _whole_answer(state, replica, response), status_code=response.status, headers=headers)

@@ -1,0 +1,138 @@
+"""Each served name's pool of replicas, and which one answers the next request.
+
+A replica is in its model's pool while its route file is there (route_files.py) and its last health
+check passed (health.py), or until a request finds it unreachable. Requests go to the replica with
+the fewest of this worker's requests in flight, ties broken at random: the gateway's own counts
+are exact and current, where vLLM's metrics lag (bench/gateway/RESULTS.md weighs this against
+power of two choices).
+
+A replica whose route file goes away is draining: it gets no new request, and is forgotten once
+the requests it is answering (streams included) have ended.
+"""
+
+import random
+
+from node_runtime.serving.gateway.config import RouteFile
+from node_runtime.serving.gateway.errors import GatewayError
+from node_runtime.serving.gateway.metrics import (
+    REPLICA_HEALTHY, REPLICA_IN_FLIGHT, REPLICA_ROUTED, UPSTREAM_ERRORS, UPSTREAM_REQUESTS,
+)
+
+NOT_PROBED = "not checked yet"
+
+
+class Replica:
+    """One replica as this worker sees it: its route, its health, its calls in flight."""
+
+    def __init__(self, route: RouteFile):
+        self.route = route
+        self.id, self.model, self.node, self.url = route.replica, route.model, route.node, route.base_url
+        self.routed = True
+        self.problem: str | None = NOT_PROBED  # None while healthy
+        self.in_flight = self.requests = self.errors = 0
+        self._in_flight = REPLICA_IN_FLIGHT.labels(self.model, self.id)
+        self._answered = {}  # HTTP status -> its counter: .labels() is a locked lookup, this a dict get
+
+    @property
+    def state(self) -> str:
+        if not self.routed:
+            return "draining"
+        if self.problem is None:
+            return "healthy"
+        return "starting" if self.problem == NOT_PROBED else "unhealthy"
+
+    def begin(self) -> None:
+        """A call to the replica starts; every begin() is matched by one end()."""
+        self.in_flight += 1
+        self.requests += 1
+        self._in_flight.inc()
+
+    def end(self) -> None:
+        self.in_flight -= 1
+        self._in_flight.dec()
+
+    def answered(self, status: int) -> None:
+        counter = self._answered.get(status)
+        if counter is None:
+            counter = self._answered[status] = UPSTREAM_REQUESTS.labels(self.model, self.id, str(status))
+        counter.inc()
+
+    def failed(self, kind: str, *, answered: bool = True) -> None:
+        """A call failed (`answered`: after the replica's status line, which answered() counted)."""
+        self.errors += 1
+        UPSTREAM_ERRORS.labels(self.model, self.id, kind).inc()
+        if not answered:
+            UPSTREAM_REQUESTS.labels(self.model, self.id, "none").inc()
+
+    def describe(self) -> str:
+        return f"{self.id} on {self.node}: {self.problem or 'healthy'}"
+
+
+class Pools:
+    """Every replica this worker knows, and per served name the healthy routed ones."""
+
+    def __init__(self, models: list[str]):
+        self.models = models
+        self.replicas: dict[str, Replica] = {}  # routed, by replica id
+        self.draining: list[Replica] = []
+        self._healthy: dict[str, list[Replica]] = {model: [] for model in models}
+
+    def pick(self, model: str, avoid: Replica | None = None) -> Replica:
+        """The healthy replica of `model` with the fewest calls in flight (not `avoid`); 503 if none."""
+        best, ties = None, 0
+        for replica in self._healthy[model]:
+            if replica is avoid:
+                continue
+            if best is None or replica.in_flight < best.in_flight:
+                best, ties = replica, 1
+            elif replica.in_flight == best.in_flight:
+                ties += 1
+                if random.random() * ties < 1:  # each of the tied replicas kept with chance 1/ties
+                    best = replica
+        if best is None:
+            raise self._unavailable(model)
+        return best
+
+    def _unavailable(self, model: str) -> GatewayError:
+        replicas = self.routed(model)
+        why = "; ".join(replica.describe() for replica in replicas) if replicas else "no replica is routed (no route file names it)"
+        return GatewayError(503, f"model '{model}' has no healthy replica ({why}): see /health", param="model",
+                            code="model_unavailable")
+
+    def routed(self, model: str) -> list[Replica]:
+        return sorted((replica for replica in self.replicas.values() if replica.model == model), key=lambda r: r.id)
+
+    def apply(self, routes: dict[str, RouteFile]) -> list[Replica]:
+        """Make the routed replicas those of `routes` (by replica id); returns the new ones, not yet checked."""
+        for replica_id, replica in list(self.replicas.items()):
+            if routes.get(replica_id) != replica.route:  # gone, or now elsewhere: a new replica under the same id
+                del self.replicas[replica_id]
+                replica.routed = False
+                REPLICA_ROUTED.labels(replica.model, replica.id).set(0)
+                self.draining.append(replica)
+        added = []
+        for replica_id, route in routes.items():
+            if replica_id not in self.replicas:
+                replica = self.replicas[replica_id] = Replica(route)
+                REPLICA_ROUTED.labels(replica.model, replica.id).set(1)
+                REPLICA_HEALTHY.labels(replica.model, replica.id).set(0)
+                added.append(replica)
+        self.forget_drained()
+        self._refresh()
+        return added
+
+    def forget_drained(self) -> None:
+        self.draining = [replica for replica in self.draining if replica.in_flight > 0]
+
+    def set_problem(self, replica: Replica, problem: str | None) -> None:
+        """A health check's (or a failed call's) verdict: None puts the replica in its pool, a problem takes it out."""
+        if replica.problem == problem:
+            return
+        replica.problem = problem
+        if replica.routed:
+            REPLICA_HEALTHY.labels(replica.model, replica.id).set(problem is None)
+        self._refresh()
+
+    def _refresh(self) -> None:
+        for model in self.models:
+            self._healthy[model] = [r for r in self.routed(model) if r.problem is None]
