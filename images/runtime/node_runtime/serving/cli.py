@@ -1,4 +1,4 @@
-"""`node-runtime serve`, `node-runtime gateway`, `node-runtime cluster wait`."""
+"""`node-runtime serve`, `node-runtime gateway`, `node-runtime cluster wait` and `cluster check`."""
 
 import json
 import os
@@ -9,6 +9,7 @@ from pydantic import BaseModel, ValidationError
 
 from node_runtime.errors import exits_cleanly, fail
 from node_runtime.serving.cluster import ClusterNotReady, wait_for_cluster
+from node_runtime.serving.fabric import DEFAULT_PORT, FabricCheckFailed, check_fabric
 from node_runtime.serving.launcher import LaunchError, launch
 from node_runtime.serving.quantization import QuantizationError
 from node_runtime.serving.gateway.config import GatewayConfig
@@ -107,6 +108,30 @@ def wait(
         raise fail(describe_validation_error(invalid, "--address/--nodes/--gpus/--timeout"), 2) from None
     state = wait_for_cluster(spec, report=lambda line: typer.echo(line, err=True))
     typer.echo(f"Ray cluster at {address} ready: {state.nodes} nodes, {state.gpus:g} GPUs")
+
+
+@cluster_app.command("check")
+@exits_cleanly(FabricCheckFailed)
+def check(
+    address: Annotated[str, typer.Option(help="HEAD_IP:RAY_PORT of the Ray head (run this on the head)")],
+    nodes: Annotated[int, typer.Option(min=1, help="alive nodes the cluster must have")],
+    port: Annotated[int, typer.Option(min=1, max=65535, help="free TCP port on the head for the rendezvous")] = DEFAULT_PORT,
+    timeout: Annotated[float, typer.Option(min=10, help="seconds for the whole check")] = 120,
+    nccl: Annotated[bool, typer.Option("--nccl", help="also all-reduce with NCCL/RCCL across the nodes with GPUs")] = False,
+) -> None:
+    """Same Python/Ray/vLLM/torch on every node, and a Gloo (with --nccl also NCCL/RCCL) all-reduce across them.
+
+    Prints a JSON summary on stdout; on failure exits 1 with one line per failing node.
+    """
+    try:
+        spec = ClusterSpec(ray_address=address, expected_nodes=nodes, expected_gpus=0, timeout_s=timeout)
+    except ValidationError as invalid:
+        raise fail(describe_validation_error(invalid, "--address/--nodes/--timeout"), 2) from None
+    result = check_fabric(spec, port=port, nccl=nccl, report=lambda line: typer.echo(line, err=True))
+    typer.echo(json.dumps(result.summary()))
+    if not result.ok:
+        raise FabricCheckFailed("\n".join(result.failure_lines()))
+    typer.echo(f"cluster check passed: {len(result.nodes)} nodes, same versions, all-reduce in {result.seconds:.0f}s", err=True)
 
 
 __all__ = ["serve", "gateway_commands", "cluster_app"]
