@@ -72,7 +72,7 @@ def replica_gauges(url: str, model: str) -> dict[str, dict[str, float]]:
     families = metric_families(url)
     gauges: dict[str, dict[str, float]] = {}
     for family in ("gateway_replica_routed", "gateway_replica_in_flight", "gateway_replica_healthy"):
-        for sample in families[family].samples:
+        for sample in families[family].samples if family in families else []:  # absent: no replica yet
             if sample.labels["model"] == model:
                 gauges.setdefault(sample.labels["replica"], {})[family.removeprefix("gateway_replica_")] = sample.value
     return gauges

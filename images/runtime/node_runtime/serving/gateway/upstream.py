@@ -15,7 +15,6 @@ bench/gateway/RESULTS.md has the figures and the command.
 
 import asyncio
 import random
-from contextlib import contextmanager
 
 import aiohttp
 from fastapi.responses import Response, StreamingResponse
@@ -74,33 +73,28 @@ def route(state: GatewayState, scope: dict, model: str | None) -> str:
     return name
 
 
-class NotAnswered(GatewayError):
-    """The replica was not reached, or hung up before answering: the call may go to another."""
+def not_answered(pools: Pools, replica: Replica, error: Exception) -> GatewayError:
+    """The replica was not reached, or hung up before answering: it leaves its pool until its health
+    check passes again, and the call may go to another replica."""
+    replica.failed("unreachable", answered=False)
+    pools.set_problem(replica, f"not reachable ({type(error).__name__}) by a request")
+    return GatewayError(503, f"replica {replica.id} of '{replica.model}' is not reachable ({type(error).__name__}): "
+                             "see /health", code="model_unavailable")
 
 
-@contextmanager
-def upstream_errors(pools: Pools, replica: Replica, *, answer_started: bool):
-    """A replica that cannot be reached is a 503 (and out of its pool until its health check passes
-    again), a slow one a 504."""
-    try:
-        yield
-    except NOT_ANSWERED as down:
-        if answer_started:
-            replica.failed("protocol")
-            raise GatewayError(503, f"replica {replica.id} of '{replica.model}' failed mid-answer ({type(down).__name__}); "
-                                    "see /health", code="model_unavailable") from None
-        replica.failed("unreachable", answered=False)
-        pools.set_problem(replica, f"not reachable ({type(down).__name__}) by a request")
-        raise NotAnswered(503, f"replica {replica.id} of '{replica.model}' is not reachable ({type(down).__name__}): "
-                               "see /health", code="model_unavailable") from None
-    except asyncio.TimeoutError as slow:
+def call_failed(replica: Replica, error: Exception, *, answer_started: bool) -> GatewayError:
+    """Any other failed call: a slow replica is a 504, a broken one a 503. Neither is sent again."""
+    if isinstance(error, asyncio.TimeoutError):
         replica.failed("timeout", answered=answer_started)
-        raise GatewayError(504, f"replica {replica.id} of '{replica.model}' did not answer in time ({type(slow).__name__}); "
-                                "retry, or raise request_timeout_s", code="model_timeout") from None
-    except aiohttp.ClientError as broken:
-        replica.failed("protocol", answered=answer_started)
-        raise GatewayError(503, f"replica {replica.id} of '{replica.model}' failed mid-request ({type(broken).__name__}); "
-                                "see /health", code="model_unavailable") from None
+        return GatewayError(504, f"replica {replica.id} of '{replica.model}' did not answer in time ({type(error).__name__}); "
+                                 "retry, or raise request_timeout_s", code="model_timeout")
+    replica.failed("protocol", answered=answer_started)
+    return GatewayError(503, f"replica {replica.id} of '{replica.model}' failed mid-request ({type(error).__name__}); "
+                             "see /health", code="model_unavailable")
+
+
+# Plain try/except rather than a context manager around each call: this is every request's path.
+FAILED = (asyncio.TimeoutError, aiohttp.ClientError)
 
 
 def header(scope: dict, name: bytes) -> str | None:
@@ -129,14 +123,17 @@ async def _send(state: GatewayState, scope: dict, model: str, path: str, body: b
         replica = state.pools.pick(model, avoid=failed)
         replica.begin()
         try:
-            with upstream_errors(state.pools, replica, answer_started=False):
-                response = await state.client.post(replica.url + path, data=body, headers=headers)
-        except NotAnswered:
+            response = await state.client.post(replica.url + path, data=body, headers=headers)
+        except NOT_ANSWERED as down:
             replica.end()
+            error = not_answered(state.pools, replica, down)
             if failed is not None:
-                raise
+                raise error from None
             failed = replica
             continue
+        except FAILED as broken:
+            replica.end()
+            raise call_failed(replica, broken, answer_started=False) from None
         except BaseException:
             replica.end()
             raise
@@ -146,10 +143,11 @@ async def _send(state: GatewayState, scope: dict, model: str, path: str, body: b
         return replica, response
 
 
-async def _whole_answer(state: GatewayState, replica: Replica, response: aiohttp.ClientResponse) -> bytes:
+async def _whole_answer(replica: Replica, response: aiohttp.ClientResponse) -> bytes:
     try:
-        with upstream_errors(state.pools, replica, answer_started=True):
-            return await response.read()
+        return await response.read()
+    except FAILED as broken:
+        raise call_failed(replica, broken, answer_started=True) from None
     finally:
         response.release()
         replica.end()
@@ -158,7 +156,7 @@ async def _whole_answer(state: GatewayState, replica: Replica, response: aiohttp
 async def post_upstream(state: GatewayState, scope: dict, model: str, path: str, body: bytes) -> tuple[int, bytes]:
     """POST a JSON body to a replica of `model`: its status and whole body."""
     replica, response = await _send(state, scope, model, path, body)
-    return response.status, await _whole_answer(state, replica, response)
+    return response.status, await _whole_answer(replica, response)
 
 
 class RelayedStream(StreamingResponse):
@@ -199,4 +197,4 @@ async def pass_through(state: GatewayState, scope: dict, model: str, path: str, 
     headers["x-request-id"] = request_id(scope)
     if stream:
         return RelayedStream(replica, response, headers)
-    return Response(await _whole_answer(state, replica, response), status_code=response.status, headers=headers)
+    return Response(await _whole_answer(replica, response), status_code=response.status, headers=headers)
