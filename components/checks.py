@@ -5,11 +5,15 @@ from __future__ import annotations
 from components.accelerators import PROFILES
 from components.placement import PlacementError, place
 from components.plan import LayoutError, demands, replica_ports, resolve_layout, server_port, server_port_key
-from components.schema import Model, StackConfig
+from components.schema import QUANTIZATION_ALIASES, Model, Node, StackConfig
+from components.specs import managed_env
 
 
 def _node_problems(config: StackConfig) -> list[str]:
     problems: list[str] = []
+    if config.local_docker and config.workers:
+        problems.append("localDocker: true runs every container on this machine's one Docker engine, where the "
+                        "workers' Ray containers would take each other's place; remove workers or set localDocker: false")
     addresses: dict[str, str] = {config.head.address: "head"}
     labels: dict[str, str] = {config.head.label: "head"}
     for i, worker in enumerate(config.workers):
@@ -24,15 +28,43 @@ def _node_problems(config: StackConfig) -> list[str]:
         labels.setdefault(worker.label, key)
 
     profile = PROFILES[config.accelerator]
-    for key, node in [("head", config.head)] + [(f"workers[{i}]", w) for i, w in enumerate(config.workers)]:
+    cluster_addresses: dict[str, str] = {}
+    for key, node in _keyed_nodes(config):
         if problem := profile.gpu_count_problem(node.gpus):
             problems.append(f"{key}.gpus: {problem}")
+        cluster_address = node.cluster_address or node.address
+        if (other := cluster_addresses.setdefault(cluster_address, key)) != key:
+            problems.append(f"{key}.clusterAddress: {cluster_address} is also {other}'s cluster address; "
+                            "give each node its own address on the cluster network")
     return problems
+
+
+def _keyed_nodes(config: StackConfig) -> list[tuple[str, Node]]:
+    return [("head", config.head)] + [(f"workers[{i}]", w) for i, w in enumerate(config.workers)]
+
+
+def _vendor_setting_problems(config: StackConfig) -> list[str]:
+    """extraEnv may not set what the program sets from other keys (it would silently fight them)."""
+    managed = managed_env(PROFILES[config.accelerator])
+    problems = []
+    for key, env in [("extraEnv", config.extra_env)] + [(f"{k}.extraEnv", n.extra_env) for k, n in _keyed_nodes(config)]:
+        for name in sorted(env):
+            if name in managed:
+                problems.append(f"{key}.{name}: the program sets it from {managed[name]}; remove it from {key}")
+    return problems
+
+
+def _quantization_problem(config: StackConfig, key: str, model: Model) -> str | None:
+    profile = PROFILES[config.accelerator]
+    if model.quantization in QUANTIZATION_ALIASES + profile.quantization_methods:
+        return None
+    return (f"{key}.quantization: {model.quantization!r} is not served on the {profile.name} profile; use one of "
+            f"{', '.join(QUANTIZATION_ALIASES + profile.quantization_methods)}")
 
 
 def _model_problems(config: StackConfig) -> list[str]:
     problems: list[str] = []
-    reserved = {config.api_port: "apiPort"}
+    reserved = {config.api_port: "apiPort", config.cluster_check_port: "clusterCheckPort"}
     served: dict[str, str] = {}
     directories: dict[str, Model] = {}
     profile = PROFILES[config.accelerator]
@@ -54,6 +86,8 @@ def _model_problems(config: StackConfig) -> list[str]:
         elif clash := config.ray_ports.collision(port):
             problems.append(f"{port_key}: {port} collides with {clash}; give this model another port")
         reserved.setdefault(port, key)
+        if problem := _quantization_problem(config, key, model):
+            problems.append(problem)
         try:
             resolve_layout(model, profile=profile, gpus=gpus)
         except LayoutError as error:
@@ -90,11 +124,22 @@ def _placement_problems(config: StackConfig) -> list[str]:
 
 def stack_problems(config: StackConfig) -> list[str]:
     """Every whole-stack problem, each naming its key (without the project prefix)."""
-    problems = _node_problems(config)
+    problems = _node_problems(config) + _vendor_setting_problems(config)
     if clash := config.ray_ports.collision(config.api_port):
         problems.append(f"apiPort: {config.api_port} collides with {clash}; pick another port, e.g. 8000")
+    check_port = config.cluster_check_port
+    if clash := config.ray_ports.collision(check_port) or ("apiPort" if check_port == config.api_port else None):
+        problems.append(f"clusterCheckPort: {check_port} collides with {clash}; pick another port, e.g. 29555")
     if config.model_root == config.data_root:
         problems.append("dataRoot: must differ from modelRoot; model files and Ray's state live apart")
     problems += _model_problems(config)
     # Placement needs valid nodes and layouts to say anything useful.
     return problems or _placement_problems(config)
+
+
+def stack_warnings(config: StackConfig) -> list[str]:
+    """What is allowed but likely wrong, each starting with its key."""
+    profile = PROFILES[config.accelerator]
+    if config.mount_dtk and profile.toolkit_mount_warning:
+        return [f"mountDtk: {profile.toolkit_mount_warning}"]
+    return []

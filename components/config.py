@@ -16,7 +16,7 @@ import pulumi
 from pulumi.runtime import config as runtime_config
 from pydantic import ValidationError
 
-from components.checks import stack_problems
+from components.checks import stack_problems, stack_warnings
 from components.schema import PROJECT, StackConfig
 
 
@@ -33,6 +33,8 @@ class ConfigError(Exception):
 def _stack_key(loc: tuple[Any, ...]) -> str:
     key = ""
     for part in loc:
+        if part == "[key]":  # pydantic's marker for a dict key that failed: the key itself is the last part
+            continue
         key += f"[{part}]" if isinstance(part, int) else (f".{part}" if key else str(part))
     return key
 
@@ -90,6 +92,8 @@ def load_stack_config() -> tuple[StackConfig, Secrets]:
         if key not in SECRET_KEYS and value != "":
             values[key] = value
     config = parse_stack_config(values)
+    for warning in stack_warnings(config):
+        pulumi.log.warn(f"{PROJECT}:{warning}")
     stack = pulumi.Config(PROJECT)
     secrets = Secrets(*(stack.get_secret(key) for key in SECRET_KEYS))
     return config, secrets

@@ -46,7 +46,7 @@ class Deployment(pulumi.ComponentResource):
         hosts = {host.label: host for host in [head, *workers]}
         servers = [
             ModelServer(f"{name}-server-{model.name}", ModelServerArgs(
-                plan, model, hosts, image.image_ids, ray.ready, stores[model.directory].verified, head.internal_key
+                plan, model, hosts, image.image_ids, ray.checked, stores[model.directory].verified, head.internal_key
             ), child)
             for model in plan.models
         ]
@@ -59,6 +59,8 @@ class Deployment(pulumi.ComponentResource):
             "gatewayUrl": gateway.url,
             "rayDashboardUrl": ray.dashboard_url,
             "imageIds": image.image_ids,
+            # What each node's image runs, as the fabric check found it: the same everywhere, or no server started.
+            "versions": ray.versions,
             "nodes": [host.summary for host in [head, *workers]],
             "models": [server.summary for server in servers],
             "plan": plan.as_output(),

@@ -1,5 +1,5 @@
-"""Host: one machine — its Docker engine, the command connection to it, a preflight check — and the
-one place where a container or a command is declared on a machine."""
+"""Host: one machine — its Docker engine, the command connection to it, a preflight check, the facts
+its containers adapt to — and the one place where a container or a command is declared on a machine."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pulumi_command as command
 import pulumi_docker as docker
 
 from components.plan import NodePlan, Plan
-from components.preflight import preflight_script
+from components.preflight import HostFacts, facts_script, parse_facts, preflight_script
 from components.specs import ContainerSpec
 
 LOCAL_DOCKER_HOST = "unix:///var/run/docker.sock"
@@ -72,6 +72,8 @@ class Host(pulumi.ComponentResource):
 
     provider: docker.Provider
     preflight: pulumi.Resource
+    # What its containers adapt to: the optional devices present, the interface holding its cluster address.
+    facts: pulumi.Output[HostFacts]
     # What must have run before anything is placed here: preflight, and on workers the relay key.
     ready: list[pulumi.Resource]
     relay_public_key: pulumi.Output[str] | None
@@ -94,6 +96,8 @@ class Host(pulumi.ComponentResource):
             opts=pulumi.ResourceOptions(parent=self),
         )
         self.preflight = self.command(f"{name}-preflight", preflight_script(plan, node), parent=self)
+        # A container declared from the facts waits for them through its inputs.
+        self.facts = self.command(f"{name}-facts", facts_script(plan, node), parent=self).stdout.apply(parse_facts)
         self.ready = [self.preflight]
         self.relay_public_key = self.internal_key = None
         if node.role == "head":
@@ -121,7 +125,8 @@ class Host(pulumi.ComponentResource):
                 parent=self,
                 depends_on=[self.preflight],
             ))
-        self.summary = {"name": node.label, "address": node.address, "gpus": node.gpus, "role": node.role}
+        self.summary = {"name": node.label, "address": node.address, "clusterAddress": node.cluster_address,
+                        "gpus": node.gpus, "role": node.role, "driver": self.facts.apply(lambda facts: facts.driver)}
         self.register_outputs({"address": node.address, "preflight": self.preflight.id})
 
     def command(
@@ -167,11 +172,13 @@ class Host(pulumi.ComponentResource):
         delete_before_replace: bool = False,
         aliases: Sequence[pulumi.Alias] = (),
     ) -> docker.Container:
-        """Declare a container on this machine's Docker engine from a spec (components/specs.py).
+        """Declare a container on this machine's Docker engine from a spec (components/specs.py), made
+        concrete for this host's facts where the spec depends on them (devices, derived interface).
 
         The provider replaces a container delete-before-replace (its name is fixed); saying so here
         makes the order part of the program, which the rolling update relies on."""
-        envs: pulumi.Input[list[str]] = [f"{k}={v}" for k, v in sorted(spec.envs.items())]
+        here = self.facts.apply(spec.on_host) if spec.depends_on_host else pulumi.Output.from_input(spec)
+        envs: pulumi.Input[list[str]] = here.apply(lambda s: [f"{k}={v}" for k, v in sorted(s.envs.items())])
         if secret_envs is not None:
             envs = pulumi.Output.all(envs, secret_envs).apply(lambda parts: parts[0] + parts[1])
         return docker.Container(
@@ -186,10 +193,13 @@ class Host(pulumi.ComponentResource):
             init=spec.init or None,
             shm_size=spec.shm_size_mb,
             restart=spec.restart,
-            devices=[docker.ContainerDeviceArgs(host_path=d, container_path=d, permissions="rwm") for d in spec.devices],
+            devices=here.apply(lambda s: [docker.ContainerDeviceArgs(host_path=d, container_path=d, permissions="rwm")
+                                          for d in s.devices]),
             group_adds=spec.group_adds or None,
             capabilities=docker.ContainerCapabilitiesArgs(adds=spec.capabilities) if spec.capabilities else None,
             security_opts=spec.security_opts or None,
+            ulimits=[docker.ContainerUlimitArgs(name=n, soft=soft, hard=hard) for n, soft, hard in spec.ulimits] or None,
+            privileged=spec.privileged or None,
             mounts=[
                 docker.ContainerMountArgs(type="bind", source=path, target=path, read_only=read_only)
                 for path, read_only in spec.bind_mounts

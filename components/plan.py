@@ -112,21 +112,55 @@ def server_port_key(config: StackConfig, index: int) -> str:
 
 
 @dataclass(frozen=True)
+class Interface:
+    """The interface one collective library (nccl: NCCL/RCCL, gloo: Gloo) uses on a node."""
+
+    kind: Literal["nccl", "gloo"]
+    # The node's `interface`, else the stack's; None = not configured.
+    name: str | None
+    # The stack key that sets it.
+    key: str
+    # Not configured, with workers: the interface holding the node's cluster address there, as the host's
+    # facts report it (components/preflight.py) — left to the library, Gloo would bind to loopback.
+    derived: bool
+
+
+@dataclass(frozen=True)
 class NodePlan:
+    # "head" or "workers[i]": where it is in the stack file.
+    key: str
     label: str
     role: Role
+    # The address the operator reaches it on (ssh, Docker over ssh); `cluster_address` is the one Ray,
+    # vLLM, NCCL and Gloo use between the nodes (the same unless the node sets clusterAddress).
     address: str
+    cluster_address: str
     gpus: int
     ssh: SshTarget
     # The container running Ray there: the preflight leaves ports alone that this stack's own Ray holds.
     ray_container: str
     # (port, stack key) the preflight requires free before anything runs there.
     ports: tuple[tuple[int, str], ...]
-    # The interfaces NCCL/RCCL and Gloo use there: the node's own, else the stack's; None = theirs to pick.
-    nccl_interface: str | None
-    gloo_interface: str | None
+    # The interfaces NCCL/RCCL and Gloo use there.
+    interfaces: tuple[Interface, ...]
     # The devices Ray owns there: those of the replicas that span nodes, and no other.
     ray_devices: tuple[int, ...]
+    # The stack's extraEnv with the node's own over it: (name, value), sorted.
+    extra_env: tuple[tuple[str, str], ...]
+
+    @property
+    def nccl_interface(self) -> str | None:
+        return next(i.name for i in self.interfaces if i.kind == "nccl")
+
+    @property
+    def gloo_interface(self) -> str | None:
+        return next(i.name for i in self.interfaces if i.kind == "gloo")
+
+    @property
+    def where(self) -> str:
+        """How messages about this node name it."""
+        also = f", cluster address {self.cluster_address}" if self.cluster_address != self.address else ""
+        return f"{self.label} ({self.address}{also})"
 
 
 @dataclass(frozen=True)
@@ -166,6 +200,18 @@ class ModelPlan:
 
 
 @dataclass(frozen=True)
+class FabricCheck:
+    """What `cluster check` runs once Ray is ready: on which head port, for how long, and whether with NCCL/RCCL.
+    Only a cluster of several nodes has a fabric to check (and a single node's Ray may advertise another
+    address than a loopback head address: Ray resolves 127.0.0.1 to the host's own)."""
+
+    port: int
+    timeout_s: int
+    # NCCL/RCCL across the nodes whose Ray owns GPUs (the DCU profile); Gloo alone otherwise.
+    nccl: bool
+
+
+@dataclass(frozen=True)
 class ClusterReadiness:
     """What `cluster wait` and the gateway's /health expect of Ray."""
 
@@ -183,6 +229,7 @@ class Plan:
     workers: tuple[NodePlan, ...]
     models: tuple[ModelPlan, ...]
     cluster: ClusterReadiness
+    fabric: FabricCheck | None
 
     @property
     def nodes(self) -> tuple[NodePlan, ...]:
@@ -227,7 +274,8 @@ class Plan:
 
     @property
     def dashboard_url(self) -> str:
-        return f"http://{self.head.address}:{self.config.ray_ports.dashboard}"
+        """The dashboard (and its Jobs API) listens on the head's cluster address only."""
+        return f"http://{self.head.cluster_address}:{self.config.ray_ports.dashboard}"
 
     @property
     def gateway_url(self) -> str:
@@ -282,14 +330,32 @@ def replica_ports(config: StackConfig, slots: list[list[Slot]]) -> list[list[tup
     ]
 
 
+# The Ray ports every node opens; the head opens all of rayPorts.
+WORKER_RAY_PORTS = ("objectManager", "nodeManager", "metricsExport", "dashboardAgentGrpc", "dashboardAgentListen",
+                    "runtimeEnvAgent")
+
+
 def node_ports(config: StackConfig) -> list[list[tuple[int, str]]]:
-    """Per node, the ports its preflight checks: Ray's, and the gateway's on the head. A replica's own
-    port is its launcher's to check, so adding one touches no host."""
-    ray = config.ray_ports
-    head = [(port, f"rayPorts.{key}") for key, port in ray.named().items()] + [(config.api_port, "apiPort")]
-    worker = [(ray.object_manager, "rayPorts.objectManager"), (ray.node_manager, "rayPorts.nodeManager"),
-              (ray.metrics_export, "rayPorts.metricsExport")]
+    """Per node, the ports its preflight checks: Ray's, and on the head the gateway's and the fabric check's.
+    A replica's own port is its launcher's to check, so adding one touches no host."""
+    named = config.ray_ports.named()
+    head = [(port, f"rayPorts.{key}") for key, port in named.items()]
+    head += [(config.api_port, "apiPort")] + [(config.cluster_check_port, "clusterCheckPort")] * bool(config.workers)
+    worker = [(named[key], f"rayPorts.{key}") for key in WORKER_RAY_PORTS]
     return [head] + [list(worker) for _ in config.workers]
+
+
+def node_extra_env(config: StackConfig, node: Node) -> tuple[tuple[str, str], ...]:
+    return tuple(sorted({**config.extra_env, **node.extra_env}.items()))
+
+
+def node_interfaces(config: StackConfig, node: Node, key: str) -> tuple[Interface, ...]:
+    found = []
+    for kind, stack_value, stack_key in (("nccl", config.nccl_socket_ifname, "ncclSocketIfname"),
+                                         ("gloo", config.gloo_socket_ifname, "glooSocketIfname")):
+        name, source = (node.interface, f"{key}.interface") if node.interface else (stack_value, stack_key)
+        found.append(Interface(kind, name, source, derived=name is None and bool(config.workers)))
+    return tuple(found)
 
 
 def make_plan(config: StackConfig) -> Plan:
@@ -308,9 +374,10 @@ def make_plan(config: StackConfig) -> Plan:
 
     def node_plan(i: int, node: Node) -> NodePlan:
         role: Role = "head" if i == 0 else "worker"
-        return NodePlan(node.label, role, node.address, node.gpus, _ssh_target(config, node), name(f"ray-{role}"),
-                        tuple(ports[i]), node.interface or config.nccl_socket_ifname,
-                        node.interface or config.gloo_socket_ifname, tuple(sorted(ray_devices[i])))
+        key = "head" if i == 0 else f"workers[{i - 1}]"
+        return NodePlan(key, node.label, role, node.address, node.cluster_address or node.address, node.gpus,
+                        _ssh_target(config, node), name(f"ray-{role}"), tuple(ports[i]),
+                        node_interfaces(config, node, key), tuple(sorted(ray_devices[i])), node_extra_env(config, node))
 
     nodes = [node_plan(i, node) for i, node in enumerate(config.nodes)]
     models = []
@@ -323,10 +390,12 @@ def make_plan(config: StackConfig) -> Plan:
             home = nodes[slot.nodes[0]]
             replicas.append(ReplicaPlan(
                 r, home, tuple(nodes[n].label for n in slot.nodes), slot.devices, port,
-                "127.0.0.1" if home.role == "head" else home.address, executor,
+                "127.0.0.1" if home.role == "head" else home.cluster_address, executor,
                 name(f"server-{model.name}-{r}"), f"{model.name}/{r}",
             ))
         models.append(ModelPlan(i, model, layout, tuple(replicas)))
-    cluster = ClusterReadiness(f"{config.head.address}:{config.ray_ports.gcs}", len(nodes),
+    cluster = ClusterReadiness(f"{nodes[0].cluster_address}:{config.ray_ports.gcs}", len(nodes),
                                sum(len(node.ray_devices) for node in nodes), config.timeouts.cluster_ready)
-    return Plan(config, profile, nodes[0], tuple(nodes[1:]), tuple(models), cluster)
+    fabric = FabricCheck(config.cluster_check_port, config.timeouts.cluster_check,
+                         nccl=profile.has_gpus and cluster.expected_gpus > 0) if config.workers else None
+    return Plan(config, profile, nodes[0], tuple(nodes[1:]), tuple(models), cluster, fabric)

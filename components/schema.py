@@ -12,19 +12,14 @@ import posixpath
 import re
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 PROJECT = "vllm-dcu"
 
-# vLLM's own quantization method names (0.8.5 … 0.18 and the CPU build) plus the guide's aliases,
-# which the launcher resolves against the checkpoint's quantization_config.
+# The guide's quantization aliases, which the launcher resolves against the checkpoint's
+# quantization_config; the vLLM methods a stack may name are its profile's (components/accelerators/).
 QUANTIZATION_ALIASES = ("none", "int8", "int4")
-QUANTIZATION_METHODS = (
-    "awq", "awq_marlin", "gptq", "gptq_marlin", "gptq_marlin_24", "fp8", "fbgemm_fp8",
-    "compressed-tensors", "moe_wna16", "bitsandbytes", "gguf", "marlin", "experts_int8",
-    "quark", "modelopt", "ipex", "deepspeedfp", "tpu_int8", "hqq", "auto-round", "inc",
-)
 DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
 
 # Flags the program sets itself from typed keys; passing them again through extraArgs would
@@ -37,6 +32,8 @@ MANAGED_VLLM_FLAGS = (
 )
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+_VERSION = re.compile(r"^[0-9]+(?:\.[0-9]+)*(?:[-+][0-9A-Za-z.+-]*)?$")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _IFNAME = re.compile(r"^[A-Za-z0-9_.:^,-]{1,64}$")
 # registry[:port]/path[:tag][@sha256:<64 hex>]
 _IMAGE_REF = re.compile(
@@ -44,6 +41,12 @@ _IMAGE_REF = re.compile(
     r"(?::(?P<tag>[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}))?"
     r"(?:@(?P<digest>sha256:[a-f0-9]{64}))?$"
 )
+# The first part of an image name is a registry host when it holds a '.' or a ':', or is localhost
+# (Docker's rule); otherwise Docker Hub is implied.
+_REGISTRY_HOST = re.compile(r"^(localhost|[^/]*[.:][^/]*)(?::[0-9]+)?/")
+# Docker's ulimit names (github.com/docker/go-units, ulimit.go).
+ULIMIT_NAMES = ("core", "cpu", "data", "fsize", "locks", "memlock", "msgqueue", "nice", "nofile", "nproc",
+                "rss", "rtprio", "rttime", "sigpending", "stack")
 _SIZE = re.compile(r"^(?P<n>[0-9]+)(?P<unit>[kKmMgG]?)[bB]?$")
 _SIZE_MB = {"": 1 / (1024 * 1024), "k": 1 / 1024, "m": 1, "g": 1024}
 
@@ -84,10 +87,46 @@ def _interface_name(value: str) -> str:
     return value
 
 
+def _env_name(value: str) -> str:
+    if not _ENV_NAME.match(value):
+        raise ValueError(f"{value!r} is not an environment variable name (letters, digits and '_', not first a digit)")
+    return value
+
+
+def _env_value(value: object) -> str:
+    """YAML numbers are fine (NCCL_MIN_NCHANNELS: 16); a YAML boolean is ambiguous, so it is refused."""
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is a YAML boolean; quote the value the variable expects, e.g. \"1\"")
+    if isinstance(value, (int, float)):
+        return str(value)
+    if not isinstance(value, str):
+        raise ValueError(f"{value!r} is not a string; give the variable's value as text")
+    return value
+
+
+def _ulimit(value: object) -> tuple[int, int]:
+    """(soft, hard) from -1, 65536 or "soft:hard"; -1 is unlimited (Docker's --ulimit memlock=-1:-1)."""
+    parts = value.split(":") if isinstance(value, str) else [value]
+    try:
+        if isinstance(value, bool) or len(parts) > 2:
+            raise ValueError
+        soft, hard = int(parts[0]), int(parts[-1])
+    except (TypeError, ValueError):
+        raise ValueError(f"{value!r} is not a limit; write -1 (unlimited), a number, or \"soft:hard\"") from None
+    if min(soft, hard) < -1 or (hard != -1 and (soft == -1 or soft > hard)):
+        raise ValueError(f"{value!r}: the soft limit must not exceed the hard one (-1 = unlimited)")
+    return soft, hard
+
+
 IPAddress = Annotated[str, AfterValidator(_ip_address)]
 AbsolutePath = Annotated[str, AfterValidator(_absolute_path)]
 ResourceName = Annotated[str, AfterValidator(_resource_name)]
 InterfaceName = Annotated[str, AfterValidator(_interface_name)]
+EnvName = Annotated[str, AfterValidator(_env_name)]
+EnvValue = Annotated[str, BeforeValidator(_env_value)]
+# Variables set on every node container before `ray start` (vendor recipes: NCCL_IB_HCA, NCCL_NET_GDR_READ, ...).
+ExtraEnv = dict[EnvName, EnvValue]
+Ulimit = Annotated[tuple[int, int], BeforeValidator(_ulimit)]
 
 
 def shm_size_mb(value: str) -> int:
@@ -107,6 +146,11 @@ class Node(_Model):
     ssh_port: Port | None = None
     gpus: int = Field(default=0, ge=0)
     interface: InterfaceName | None = None
+    # The node's address on the cluster (data-plane) network, when it is not `address` (the ssh one):
+    # Ray, vLLM, NCCL and Gloo use it.
+    cluster_address: IPAddress | None = None
+    # Added to (and overriding) the stack's extraEnv on this node's containers.
+    extra_env: ExtraEnv = {}
 
     @property
     def label(self) -> str:
@@ -146,16 +190,6 @@ class Model(_Model):
         if len(parts) > 2 or not all(_NAME.match(p) for p in parts):
             raise ValueError(
                 f"{value!r} is not a repository id; write owner/name (e.g. meta-llama/Llama-3-8B-Instruct) or a bare name"
-            )
-        return value
-
-    @field_validator("quantization")
-    @classmethod
-    def _check_quantization(cls, value: str) -> str:
-        if value not in QUANTIZATION_ALIASES + QUANTIZATION_METHODS:
-            raise ValueError(
-                f"{value!r} is unknown; use none, int8, int4 or a vLLM method "
-                f"({', '.join(QUANTIZATION_METHODS[:6])}, ...)"
             )
         return value
 
@@ -206,6 +240,10 @@ class RayPorts(_Model):
     node_manager: Port = 8077
     client_server: Port = 10001
     metrics_export: Port = 8090
+    # Ray picks these at random unless told: pinned, so a firewall can be written for them.
+    dashboard_agent_grpc: Port = 8091
+    dashboard_agent_listen: Port = 52365
+    runtime_env_agent: Port = 8092
     min_worker: Port = 10002
     max_worker: Port = 19999
 
@@ -227,7 +265,8 @@ class RayPorts(_Model):
 
     def named(self) -> dict[str, int]:
         """The single ports by stack key (the worker range excluded)."""
-        keys = ("gcs", "dashboard", "object_manager", "node_manager", "client_server", "metrics_export")
+        keys = ("gcs", "dashboard", "object_manager", "node_manager", "client_server", "metrics_export",
+                "dashboard_agent_grpc", "dashboard_agent_listen", "runtime_env_agent")
         return {to_camel(k): getattr(self, k) for k in keys}
 
     def collision(self, port: int) -> str | None:
@@ -244,6 +283,8 @@ class Timeouts(_Model):
     """Seconds: the deploy-time gates (cold starts of large models take minutes), and one request."""
 
     cluster_ready: int = Field(default=900, ge=1)
+    # The whole fabric and version check (`node-runtime cluster check`), which turns a hang into an error.
+    cluster_check: int = Field(default=180, ge=10)
     model_download: int = Field(default=86400, ge=1)
     # How long `pulumi up` waits for a new server to pass its health check.
     server_ready: int = Field(default=1800, ge=1)
@@ -276,6 +317,15 @@ class StackConfig(_Model):
     nccl_socket_ifname: InterfaceName | None = None
     gloo_socket_ifname: InterfaceName | None = None
     mount_dtk: bool = False
+    # Vendor settings on every node container (Ray's and the servers'), before `ray start`.
+    extra_env: ExtraEnv = {}
+    extra_devices: list[AbsolutePath] = []
+    ulimits: dict[Literal[ULIMIT_NAMES], Ulimit] = {}  # type: ignore[valid-type]
+    privileged: bool = False
+    # The fabric check's rendezvous on the head (torch.distributed's TCP store).
+    cluster_check_port: Port = 29555
+    # The preflight refuses a host whose DCU driver is older (e.g. "6.3.8"); "" = any.
+    min_driver_version: str | None = None
     max_batch_size: int = Field(default=64, ge=1)
     gateway_workers: int = Field(default=1, ge=1, le=64)
     timeouts: Timeouts = Timeouts()
@@ -294,6 +344,11 @@ class StackConfig(_Model):
                 f"{value!r} is not pinned by digest; append @sha256:<digest> "
                 "(`docker inspect --format '{{index .RepoDigests 0}}' IMAGE` prints it) so every node runs the same build"
             )
+        if set(match["digest"].removeprefix("sha256:")) == {"0"}:
+            raise ValueError(
+                "the digest is all zeros, a placeholder; put the one your registry reports for this tag "
+                "(`docker inspect --format '{{index .RepoDigests 0}}' IMAGE`)"
+            )
         return value
 
     @field_validator("image_registry")
@@ -303,6 +358,28 @@ class StackConfig(_Model):
             match = _IMAGE_REF.match(value)
             if not match or match["tag"] or match["digest"]:
                 raise ValueError(f"{value!r} is not a repository such as registry.local:5000/vllm-dcu")
+            if not _REGISTRY_HOST.match(value):
+                raise ValueError(
+                    f"{value!r} names no registry host, which pushing needs; write host[:port]/path, "
+                    "e.g. registry.local:5000/vllm-dcu (docker.io/<user>/<name> for Docker Hub)"
+                )
+        return value
+
+    @field_validator("min_driver_version")
+    @classmethod
+    def _check_driver_version(cls, value: str | None) -> str | None:
+        if value is not None and not _VERSION.match(value):
+            raise ValueError(f"{value!r} is not a version such as 6.3.8 (hy-smi --showdriverversion prints yours)")
+        return value
+
+    @field_validator("cluster_name")
+    @classmethod
+    def _check_cluster_name(cls, value: str) -> str:
+        if value != value.lower():
+            raise ValueError(
+                f"{value!r} has upper-case letters; it names the node image repository ({value}-node), "
+                f"which Docker requires in lower case: use {value.lower()!r}"
+            )
         return value
 
     @field_validator("shm_size")

@@ -8,10 +8,12 @@ node's devices, address and interfaces cannot drift between them.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+from components.accelerators import Profile
 from components.plan import ModelPlan, NodePlan, Plan, ReplicaPlan
+from components.preflight import HostFacts
 from components.schema import shm_size_mb
 
 RESTART_POLICY = "unless-stopped"
@@ -24,6 +26,33 @@ API_KEY_ENV = "NODE_RUNTIME_API_KEY"
 # head listen on the cluster network.
 INTERNAL_KEY_ENV = "NODE_RUNTIME_INTERNAL_KEY"
 REPLICA_KEY_ENV = "VLLM_API_KEY"
+# The variable each collective library takes its interface from. vLLM's Ray executor does not forward
+# GLOO_* to its workers: both must be on every node container before `ray start`.
+INTERFACE_ENV = {"nccl": "NCCL_SOCKET_IFNAME", "gloo": "GLOO_SOCKET_IFNAME"}
+# What the program sets on node containers, with the stack key to change instead: extraEnv may not set
+# these. Device visibility is the plan's (each container sees the devices it owns), never the user's.
+MANAGED_ENV = {
+    "VLLM_HOST_IP": "the node's clusterAddress",
+    "RAY_NODE_IP_ADDRESS": "the node's clusterAddress",
+    "RAY_OVERRIDE_NODE_IP_ADDRESS": "the node's clusterAddress",
+    "HF_HUB_OFFLINE": "the model store (every model is on disk before a server starts)",
+    INTERFACE_ENV["nccl"]: "ncclSocketIfname or the node's interface",
+    INTERFACE_ENV["gloo"]: "glooSocketIfname or the node's interface",
+    "HIP_VISIBLE_DEVICES": "the placement plan (each container sees the devices it owns)",
+    "CUDA_VISIBLE_DEVICES": "the placement plan (each container sees the devices it owns)",
+    "ROCR_VISIBLE_DEVICES": "the placement plan (each container sees the devices it owns)",
+    SERVE_SPEC_ENV: "the model's keys",
+    REPLICA_KEY_ENV: "the internal key made on the head",
+}
+
+
+def managed_env(profile: Profile) -> dict[str, str]:
+    """Every variable the program sets on this profile's node containers, with what sets it."""
+    found = dict(MANAGED_ENV)
+    found.update({name: f"the {profile.name} profile" for name in profile.extra_env})
+    if profile.toolkit_env_var:
+        found[profile.toolkit_env_var] = "mountDtk"
+    return found
 
 
 @dataclass(frozen=True)
@@ -39,6 +68,12 @@ class ContainerSpec:
     security_opts: list[str]
     bind_mounts: list[tuple[str, bool]]  # (path, read_only): same path on host and in container
     shm_size_mb: int
+    # Devices the container gets only on a host that has them (HostFacts.devices).
+    optional_devices: list[str] = field(default_factory=list)
+    # Variables whose value is the interface holding the node's cluster address (HostFacts.interface).
+    interface_env: list[str] = field(default_factory=list)
+    ulimits: list[tuple[str, int, int]] = field(default_factory=list)  # (name, soft, hard); -1 = unlimited
+    privileged: bool = False
     network_mode: str = "host"
     ipc_mode: str = "host"
     # A Ray driver in a sibling container of its node's Ray (a server using Ray's executor, the gateway's
@@ -49,22 +84,30 @@ class ContainerSpec:
     init: bool = False
     restart: str = RESTART_POLICY
 
+    @property
+    def depends_on_host(self) -> bool:
+        return bool(self.optional_devices or self.interface_env)
+
+    def on_host(self, facts: HostFacts) -> ContainerSpec:
+        """The spec for one host: its optional devices where present, its interface where derived."""
+        envs = dict(self.envs)
+        if facts.interface:
+            envs.update({name: facts.interface for name in self.interface_env})
+        devices = self.devices + [d for d in self.optional_devices if d in facts.devices]
+        return replace(self, envs=envs, devices=devices, optional_devices=[], interface_env=[])
+
 
 def node_env(plan: Plan, node: NodePlan, devices: tuple[int, ...]) -> dict[str, str]:
-    """What Ray, vLLM and the collective libraries must agree on before `ray start`."""
-    config = plan.config
-    env = {
-        # One address for both Ray and vLLM, or placement groups never schedule.
-        "VLLM_HOST_IP": node.address,
-        "RAY_NODE_IP_ADDRESS": node.address,
-        "HF_HUB_OFFLINE": "1",
-    }
-    if node.nccl_interface:
-        env["NCCL_SOCKET_IFNAME"] = node.nccl_interface
-    if node.gloo_interface:
-        # vLLM's Ray executor does not forward GLOO_* to workers: it must be here on every node.
-        env["GLOO_SOCKET_IFNAME"] = node.gloo_interface
-    env.update(plan.profile.node_env(devices, mount_dtk=config.mount_dtk))
+    """What Ray, vLLM and the collective libraries must agree on before `ray start`: the user's extraEnv
+    (checked not to name a variable set here, components/checks.py), then the program's own."""
+    env = dict(node.extra_env)
+    # One data-plane address for Ray and vLLM, or placement groups never schedule; the Ray variables as
+    # vLLM's examples/online_serving/run_cluster.sh sets them for multi-NIC hosts.
+    for name in ("VLLM_HOST_IP", "RAY_NODE_IP_ADDRESS", "RAY_OVERRIDE_NODE_IP_ADDRESS"):
+        env[name] = node.cluster_address
+    env["HF_HUB_OFFLINE"] = "1"
+    env.update({INTERFACE_ENV[i.kind]: i.name for i in node.interfaces if i.name})
+    env.update(plan.profile.node_env(devices, mount_dtk=plan.config.mount_dtk))
     return env
 
 
@@ -73,17 +116,21 @@ def node_container_spec(plan: Plan, node: NodePlan, role: str, command: list[str
     """The base of every container on a node that sees `devices` of it."""
     config, profile = plan.config, plan.profile
     mounts = [(config.model_root, False), (plan.ray_temp_dir, False)]
-    mounts += [(path, True) for path in profile.mounts(mount_dtk=config.mount_dtk)]
+    mounts += [(mount.path, True) for mount in profile.mounts(mount_dtk=config.mount_dtk)]
     return ContainerSpec(
         name=plan.container_name(role),
         command=command,
         envs=node_env(plan, node, devices),
-        devices=list(profile.devices),
+        devices=[device.path for device in profile.devices] + list(config.extra_devices),
         group_adds=list(profile.group_adds),
         capabilities=list(profile.capabilities),
         security_opts=list(profile.security_opts),
         bind_mounts=mounts,
         shm_size_mb=shm_size_mb(config.shm_size),
+        optional_devices=list(profile.optional_devices),
+        interface_env=[INTERFACE_ENV[i.kind] for i in node.interfaces if i.derived],
+        ulimits=[(name, soft, hard) for name, (soft, hard) in sorted(config.ulimits.items())],
+        privileged=config.privileged,
     )
 
 
@@ -91,13 +138,17 @@ def ray_start_command(plan: Plan, node: NodePlan) -> list[str]:
     """`ray start --block` for the head or a worker joining it."""
     ports = plan.config.ray_ports
     common = [
-        f"--node-ip-address={node.address}",
+        f"--node-ip-address={node.cluster_address}",
         f"--num-gpus={len(node.ray_devices)}",
         f"--object-manager-port={ports.object_manager}",
         f"--node-manager-port={ports.node_manager}",
         f"--min-worker-port={ports.min_worker}",
         f"--max-worker-port={ports.max_worker}",
         f"--metrics-export-port={ports.metrics_export}",
+        # Random unless pinned: every port a firewall has to allow is one of rayPorts.
+        f"--dashboard-agent-grpc-port={ports.dashboard_agent_grpc}",
+        f"--dashboard-agent-listen-port={ports.dashboard_agent_listen}",
+        f"--runtime-env-agent-port={ports.runtime_env_agent}",
         "--disable-usage-stats",
         "--block",
     ]
@@ -106,7 +157,8 @@ def ray_start_command(plan: Plan, node: NodePlan) -> list[str]:
             "--head",
             f"--port={ports.gcs}",
             f"--temp-dir={plan.ray_temp_dir}",
-            "--dashboard-host=0.0.0.0",
+            # The dashboard's Jobs API runs code unauthenticated (CVE-2023-48022): the cluster network only.
+            f"--dashboard-host={node.cluster_address}",
             f"--dashboard-port={ports.dashboard}",
             f"--ray-client-server-port={ports.client_server}",
         ]

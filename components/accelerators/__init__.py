@@ -7,8 +7,8 @@ Adding a kind of device is one module here (and its recipe under images/), regis
 """
 
 from components.accelerators import cpu, dcu
-from components.accelerators.profile import DeviceCheck, Profile
+from components.accelerators.profile import HostPath, Profile
 
 PROFILES: dict[str, Profile] = {profile.name: profile for profile in (dcu.PROFILE, cpu.PROFILE)}
 
-__all__ = ["PROFILES", "DeviceCheck", "Profile"]
+__all__ = ["PROFILES", "HostPath", "Profile"]

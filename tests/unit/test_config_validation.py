@@ -117,6 +117,45 @@ BAD_CONFIGS = [
     ("max-batch-zero", _set("maxBatchSize", 0), "vllm-dcu:maxBatchSize", "greater than or equal"),
     ("gateway-workers-zero", _set("gatewayWorkers", 0), "vllm-dcu:gatewayWorkers", "greater than or equal"),
     ("worker-extra-key", _add_worker(address="10.0.0.14", gpus=8, gpu=8), "vllm-dcu:workers[2].gpu", "spelling"),
+    # Issue 11: held-out holes, vendor settings, network identity, the fabric check, quantization per profile.
+    ("local-docker-with-workers", _set("localDocker", True), "vllm-dcu:localDocker", "remove workers"),
+    ("cluster-name-upper-case", _set("clusterName", "VLLM-node"), "vllm-dcu:clusterName", "'vllm-node'"),
+    ("registry-without-host", _set("imageRegistry", "myorg/vllm-dcu"), "vllm-dcu:imageRegistry", "registry host"),
+    ("registry-bare-name", _set("imageRegistry", "vllm-dcu"), "vllm-dcu:imageRegistry", "host[:port]/path"),
+    ("image-digest-all-zeros", _set("baseImage", "harbor.example/vllm:1@sha256:" + "0" * 64), "vllm-dcu:baseImage",
+     "placeholder"),
+    ("extra-env-sets-interface", _set("extraEnv", {"NCCL_SOCKET_IFNAME": "ib0"}),
+     "vllm-dcu:extraEnv.NCCL_SOCKET_IFNAME", "ncclSocketIfname"),
+    ("extra-env-sets-host-ip", _set("extraEnv", {"VLLM_HOST_IP": "10.0.0.11"}), "vllm-dcu:extraEnv.VLLM_HOST_IP",
+     "clusterAddress"),
+    ("node-extra-env-sets-devices", _set("workers[0].extraEnv", {"HIP_VISIBLE_DEVICES": "0"}),
+     "vllm-dcu:workers[0].extraEnv.HIP_VISIBLE_DEVICES", "devices it owns"),
+    ("extra-env-sets-cuda-devices", _set("extraEnv", {"CUDA_VISIBLE_DEVICES": "0"}),
+     "vllm-dcu:extraEnv.CUDA_VISIBLE_DEVICES", "devices it owns"),
+    ("extra-env-sets-noset", _set("extraEnv", {"RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "0"}),
+     "vllm-dcu:extraEnv.RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES", "dcu profile"),
+    ("extra-env-bad-name", _set("extraEnv", {"NCCL IB": "x"}), "vllm-dcu:extraEnv.NCCL IB:", "environment variable name"),
+    ("extra-env-boolean", _set("extraEnv", {"NCCL_NET_GDR_READ": True}), "vllm-dcu:extraEnv.NCCL_NET_GDR_READ", "quote"),
+    ("extra-device-relative", _set("extraDevices", ["dev/infiniband"]), "vllm-dcu:extraDevices[0]", "absolute"),
+    ("ulimit-unknown", _set("ulimits", {"memlok": -1}), "vllm-dcu:ulimits.memlok:", "'memlock'"),
+    ("ulimit-soft-over-hard", _set("ulimits", {"nofile": "65536:1024"}), "vllm-dcu:ulimits.nofile", "soft limit"),
+    ("ulimit-malformed", _set("ulimits", {"memlock": "lots"}), "vllm-dcu:ulimits.memlock", "-1 (unlimited)"),
+    ("cluster-address-malformed", _set("workers[0].clusterAddress", "ib-net"), "vllm-dcu:workers[0].clusterAddress",
+     "IP address"),
+    ("cluster-address-duplicate", _set("workers[1].clusterAddress", "10.0.0.12"), "vllm-dcu:workers[1].clusterAddress",
+     "its own address"),
+    ("cluster-check-port-on-ray", _set("clusterCheckPort", 8265), "vllm-dcu:clusterCheckPort", "rayPorts.dashboard"),
+    ("cluster-check-port-is-api-port", _set("clusterCheckPort", 8000), "vllm-dcu:clusterCheckPort", "apiPort"),
+    ("server-port-is-check-port", _add_model(port=29555, tensorParallelSize=8), "vllm-dcu:models[1].port",
+     "clusterCheckPort"),
+    ("ray-agent-port-in-worker-range", _set("rayPorts", {"runtimeEnvAgent": 12000}), "vllm-dcu:rayPorts",
+     "worker port range"),
+    ("ray-agent-ports-duplicate", _set("rayPorts", {"dashboardAgentGrpc": 8076}), "vllm-dcu:rayPorts", "own port"),
+    ("cluster-check-timeout-short", _set("timeouts", {"clusterCheck": 5}), "vllm-dcu:timeouts.clusterCheck",
+     "greater than or equal"),
+    ("quantization-not-on-dcu", _set("models[0].quantization", "bitsandbytes"), "vllm-dcu:models[0].quantization",
+     "slimquant_marlin"),
+    ("min-driver-version-malformed", _set("minDriverVersion", "latest"), "vllm-dcu:minDriverVersion", "6.3.8"),
 ]
 
 
@@ -142,7 +181,7 @@ def test_cpu_profile_rejects_multi_process_layout(local_config):
 
 def test_all_problems_reported_at_once(dev_config):
     dev_config["modelRoot"] = "models"
-    dev_config["models"][0]["quantization"] = "int3"
+    dev_config["models"][0]["dtype"] = "fp64"
     with pytest.raises(ConfigError) as raised:
         parse_stack_config(dev_config)
     assert len(raised.value.problems) == 2

@@ -70,8 +70,11 @@ def test_plan_of_the_dev_stack():
     assert (plan.cluster.expected_nodes, plan.cluster.expected_gpus) == (3, 24)
     assert plan.gateway_url == "http://10.0.0.11:8000" and plan.dashboard_url == "http://10.0.0.11:8265"
     assert (8000, "apiPort") in plan.head.ports and (6379, "rayPorts.gcs") in plan.head.ports
-    assert {key for _, key in plan.workers[0].ports} == {"rayPorts.objectManager", "rayPorts.nodeManager",
-                                                         "rayPorts.metricsExport"}
+    assert {key for _, key in plan.workers[0].ports} == {
+        "rayPorts.objectManager", "rayPorts.nodeManager", "rayPorts.metricsExport", "rayPorts.dashboardAgentGrpc",
+        "rayPorts.dashboardAgentListen", "rayPorts.runtimeEnvAgent"}
+    assert (29555, "clusterCheckPort") in plan.head.ports
+    assert plan.fabric is not None and plan.fabric.nccl and plan.fabric.port == 29555
 
 
 def test_a_nodes_own_interface_wins_over_the_stacks(dev_config):

@@ -56,7 +56,8 @@ def test_dcu_ray_containers_carry_the_dcu_profile(dev):
     assert len(containers) == 3
     for c in containers:
         inputs = c.inputs
-        assert {d["hostPath"] for d in inputs["devices"]} == {"/dev/kfd", "/dev/dri", "/dev/mkfd"}
+        # /dev/mkfd only where the host has it (test_dcu_settings.py); these mock hosts report none.
+        assert {d["hostPath"] for d in inputs["devices"]} == {"/dev/kfd", "/dev/dri"}
         assert inputs["groupAdds"] == ["video"]
         assert inputs["capabilities"]["adds"] == ["SYS_PTRACE"]
         assert inputs["securityOpts"] == ["seccomp=unconfined"]
@@ -71,6 +72,7 @@ def test_dcu_ray_containers_carry_the_dcu_profile(dev):
         assert "ROCR_VISIBLE_DEVICES" not in env
         assert env["RAY_EXPERIMENTAL_NOSET_HIP_VISIBLE_DEVICES"] == "1"
         assert env["RAY_EXPERIMENTAL_NOSET_ROCR_VISIBLE_DEVICES"] == "1"
+        assert env["RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"] == "1" and "CUDA_VISIBLE_DEVICES" not in env
         assert env["NCCL_SOCKET_IFNAME"] == "eth0" and env["GLOO_SOCKET_IFNAME"] == "eth0"
         assert "--num-gpus=8" in inputs["command"] and "--block" in inputs["command"]
 
@@ -129,9 +131,11 @@ def test_cluster_readiness_waits_for_every_node_and_gpu(dev):
 
 def test_preflight_checks_devices_disk_and_ports(dev):
     script = dev.named("vllm-dcu-head-preflight").inputs["create"]
-    for expected in ("docker info", "/dev/kfd", "/dev/mkfd", "/dev/dri/renderD*", "df -Pk /data/models",
-                     "sport = :6379", "sport = :8000", "-ge 200"):
+    for expected in ("docker info", "/dev/kfd", "/dev/dri/renderD*", "-ge 8", "/opt/hyhal", "/sys/module/hydcu/version",
+                     "df -Pk /data/models", "sport = :6379", "sport = :8000", "sport = :29555", "-ge 200"):
         assert expected in script, expected
+    # Only some drivers create /dev/mkfd: the facts report it, the preflight does not require it.
+    assert "/dev/mkfd" not in script and "/dev/mkfd" in dev.named("vllm-dcu-head-facts").inputs["create"]
     # A replica's port is its launcher's to check: adding a replica touches no host.
     assert "sport = :8100" not in script
     for container in dev.of_type(CONTAINER):

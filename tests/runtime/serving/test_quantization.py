@@ -8,6 +8,10 @@ GPTQ8 = {"quantization_config": {"quant_method": "gptq", "bits": 8}}
 COMPRESSED_W4 = {"quantization_config": {"quant_method": "compressed-tensors",
                                          "config_groups": {"group_0": {"weights": {"num_bits": 4, "type": "int"}}}}}
 FP8 = {"quantization_config": {"quant_method": "fp8", "activation_scheme": "dynamic"}}
+# Hygon's checkpoints (hygon/*-Channel-INT8-w8a8, *-W4A8 on ModelScope): compressed-tensors W8A8, SlimQuant W4A8.
+W8A8 = {"quantization_config": {"quant_method": "compressed-tensors",
+                                "config_groups": {"group_0": {"weights": {"num_bits": 8, "type": "int"}}}}}
+SLIM_W4A8 = {"quantization_config": {"quant_method": "slimquant_w4a8", "bits": 4}}
 
 
 @pytest.mark.parametrize(("config", "found"), [
@@ -20,13 +24,20 @@ def test_checkpoint_quantization(config, found):
 
 @pytest.mark.parametrize(("requested", "config", "flag"), [
     ("none", PLAIN, None),
-    ("int4", AWQ4, "awq"),
-    ("int4", COMPRESSED_W4, "compressed-tensors"),
-    ("int8", GPTQ8, "gptq"),
-    ("INT8", FP8, "fp8"),
+    # An alias that fits: no flag, vLLM reads the checkpoint's own method (and picks its fastest kernel).
+    ("int4", AWQ4, None),
+    ("int4", COMPRESSED_W4, None),
+    ("int8", GPTQ8, None),
+    ("INT8", FP8, None),
+    ("int8", W8A8, None),
+    ("int4", SLIM_W4A8, None),
     ("fp8", PLAIN, "fp8"),            # vLLM quantizes while loading
     ("awq_marlin", AWQ4, "awq_marlin"),  # same format, faster kernel
     ("gptq", GPTQ8, "gptq"),
+    ("slimquant_marlin", W8A8, "slimquant_marlin"),  # Hygon's INT8 kernel for compressed-tensors W8A8
+    ("slimquant_compressed_tensors_marlin", W8A8, "slimquant_compressed_tensors_marlin"),
+    ("slimquant_w4a8_marlin", SLIM_W4A8, "slimquant_w4a8_marlin"),
+    ("slimquant_w4a8", SLIM_W4A8, "slimquant_w4a8"),
 ])
 def test_resolve_quantization(requested, config, flag):
     assert resolve_quantization(requested, config) == flag
@@ -38,6 +49,9 @@ def test_resolve_quantization(requested, config, flag):
     ("none", GPTQ8, r"'none', but the checkpoint is quantized \(gptq, 8-bit\): set quantization to 'gptq' or 'int8'"),
     ("awq", GPTQ8, r"quantized with gptq, 8-bit: set quantization to 'gptq'"),
     ("gptq", PLAIN, r"'gptq' needs a checkpoint quantized with gptq"),
+    ("slimquant_marlin", AWQ4, r"quantized with awq, 4-bit: set quantization to 'awq'"),
+    ("slimquant_w4a8_marlin", W8A8, r"quantized with compressed-tensors, 8-bit: set quantization to 'compressed-tensors'"),
+    ("slimquant_marlin", PLAIN, r"'slimquant_marlin' needs a checkpoint quantized with compressed-tensors, but"),
 ])
 def test_quantization_that_cannot_apply(requested, config, message):
     with pytest.raises(QuantizationError, match=message):

@@ -6,8 +6,15 @@ ALIASES = ("none", "int8", "int4")
 # Methods vLLM can apply to an unquantized checkpoint while loading it; all others need a
 # checkpoint that was quantized with that method.
 ONLINE_METHODS = frozenset({"fp8", "bitsandbytes", "experts_int8"})
-# vLLM picks a faster kernel for the same format under another name.
-SAME_FORMAT = {"gptq_marlin": "gptq", "awq_marlin": "awq", "gptq_bitblas": "gptq", "compressed_tensors": "compressed-tensors"}
+# Two spellings of one checkpoint method.
+SAME_METHOD = {"compressed_tensors": "compressed-tensors"}
+# Kernels that serve checkpoints of another method; vLLM (and Hygon's HYGON-AI/vllm-plugin-das, whose
+# SlimQuant kernels serve W8A8 compressed-tensors and W4A8 checkpoints) picks them only when asked by name.
+SERVES = {
+    "gptq_marlin": {"gptq"}, "awq_marlin": {"awq"}, "gptq_bitblas": {"gptq"},
+    "slimquant_marlin": {"compressed-tensors"}, "slimquant_compressed_tensors_marlin": {"compressed-tensors"},
+    "slimquant_w4a8_marlin": {"slimquant_w4a8"},
+}
 
 
 class QuantizationError(ValueError):
@@ -20,6 +27,7 @@ def checkpoint_quantization(model_config: dict[str, Any]) -> tuple[str, int | No
     if not qc:
         return None
     method = str(qc.get("quant_method", "unknown")).lower()
+    method = SAME_METHOD.get(method, method)
     bits = qc.get("bits") or qc.get("w_bit") or qc.get("weight_bits")
     if bits is None and method == "bitsandbytes":
         bits = 4 if qc.get("load_in_4bit") else 8 if qc.get("load_in_8bit") else None
@@ -37,8 +45,19 @@ def _describe(found: tuple[str, int | None]) -> str:
     return f"{method}, {bits}-bit" if bits else method
 
 
+def serves(requested: str, method: str) -> bool:
+    """Whether vLLM's --quantization `requested` loads a checkpoint quantized with `method`."""
+    requested = SAME_METHOD.get(requested, requested)
+    return method in SERVES.get(requested, {requested})
+
+
 def resolve_quantization(requested: str, model_config: dict[str, Any]) -> str | None:
-    """The value for vLLM's --quantization (None: leave the flag out), or a QuantizationError."""
+    """The value for vLLM's --quantization (None: leave the flag out), or a QuantizationError.
+
+    An alias that fits the checkpoint leaves the flag out: vLLM reads the method from the checkpoint
+    and lets a faster kernel claim it (gptq_marlin, Hygon's slimquant_w4a8), which naming the method
+    would prevent — as the vendor's recipes serve such checkpoints (HYGON-AI/inference-cookbook-das:
+    no -q for its quantized.w8a8 and W4A8 checkpoints on K100_AI)."""
     requested = requested.strip().lower()
     found = checkpoint_quantization(model_config)
     if requested == "none":
@@ -60,15 +79,16 @@ def resolve_quantization(requested: str, model_config: dict[str, Any]) -> str | 
                 f"quantization '{requested}', but the checkpoint is {_describe(found)}: "
                 f"set quantization to '{found[0]}'" + (f" or 'int{found[1]}'" if found[1] in (4, 8) else "")
             )
-        return found[0]
-    if found and SAME_FORMAT.get(requested, requested) != SAME_FORMAT.get(found[0], found[0]):
+        return None
+    if found and not serves(requested, found[0]):
         raise QuantizationError(
             f"quantization '{requested}', but the checkpoint is quantized with {_describe(found)}: "
             f"set quantization to '{found[0]}'"
         )
     if not found and requested not in ONLINE_METHODS:
         raise QuantizationError(
-            f"quantization '{requested}' needs a checkpoint quantized with {requested}, but this checkpoint "
+            f"quantization '{requested}' needs a checkpoint quantized with "
+            f"{' or '.join(sorted(SERVES.get(requested, {requested})))}, but this checkpoint "
             f"has no quantization_config: use one of {', '.join(sorted(ONLINE_METHODS))} to quantize "
             "while loading, 'none', or a pre-quantized checkpoint"
         )
