@@ -126,7 +126,10 @@ class Host(pulumi.ComponentResource):
                 depends_on=[self.preflight],
             ))
         self.summary = {"name": node.label, "address": node.address, "clusterAddress": node.cluster_address,
-                        "gpus": node.gpus, "role": node.role, "driver": self.facts.apply(lambda facts: facts.driver)}
+                        "gpus": node.gpus, "role": node.role,
+                        # As the facts step read them: the interface holding clusterAddress, the DCU driver's version.
+                        "interface": self.facts.apply(lambda facts: facts.interface),
+                        "driver": self.facts.apply(lambda facts: facts.driver)}
         self.register_outputs({"address": node.address, "preflight": self.preflight.id})
 
     def command(

@@ -118,7 +118,8 @@ def test_each_container_sees_exactly_the_devices_it_owns():
 
 
 def test_mkfd_only_where_the_host_has_it():
-    run = _run(_dev(), {"dcu-worker-1": HostFacts(devices=("/dev/mkfd",))})
+    run = _run(_dev(), {"dcu-worker-1": HostFacts(devices=("/dev/mkfd",), driver="6.3.8-V1.5.2")})
+    assert [node["driver"] for node in run.outputs["nodes"]] == [None, "6.3.8-V1.5.2", None]
     assert "/dev/mkfd" in _devices(run.named("vllm-ray-dcu-worker-1-container"))
     for name in ("vllm-ray-head-container", "vllm-ray-dcu-worker-2-container", "vllm-server-Llama-3.1-70B-Instruct-0-container"):
         assert _devices(run.named(name)) == {"/dev/kfd", "/dev/dri"}
