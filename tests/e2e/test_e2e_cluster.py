@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shlex
 import subprocess
 import threading
 import time
@@ -48,6 +49,7 @@ def e2e():
 def deployed(e2e):
     started = time.monotonic()
     run = apply(e2e.config, e2e.applier, secrets=e2e.secrets)
+    e2e.bring_up_log = e2e.applier.log
     wait_until(lambda: generate(e2e.gateway, "Hello", 1), timeout=300, what="first token through the gateway")
     e2e.timings.update(bring_up_to_first_token_s=time.monotonic() - started,
                        image_build_s=e2e.image_build_seconds)
@@ -86,7 +88,7 @@ def _health_sequence(gateway: str, until, *, timeout: float) -> list[tuple[int, 
 def _replica_calls(gateway: str) -> dict[str, float]:
     """Requests the gateway sent each replica of the model, from its /metrics."""
     calls: dict[str, float] = {}
-    for family in metric_families(httpx.get(f"{gateway}/metrics", timeout=30).text):
+    for family in metric_families(gateway).values():
         if family.name == "gateway_upstream_requests":
             for sample in family.samples:
                 if sample.name.endswith("_total") and sample.labels.get("model") == MODEL_NAME:
@@ -277,6 +279,70 @@ def test_restarted_head_gets_its_workers_back(e2e, deployed):
                timeout=420, interval=5, what="the workers reconnecting to the restarted head")
     _health_sequence(e2e.gateway, lambda code, body: code == 200 and body.get("status") == "ok", timeout=180)
     assert generate(e2e.gateway, "Hello", 4)
+
+
+def test_the_fabric_check_passed_before_any_server_started(e2e, deployed):
+    log = e2e.bring_up_log
+    assert log.before(("create", f"{CLUSTER_NAME}-ray-ready"), ("create", f"{CLUSTER_NAME}-ray-checked"))
+    for k in range(REPLICAS):
+        assert log.before(("create", f"{CLUSTER_NAME}-ray-checked"), ("create", f"{server(k)}-container"))
+    versions = deployed.outputs["versions"]
+    assert set(versions) == {"head", "w1", "w2"} and len({json.dumps(v, sort_keys=True) for v in versions.values()}) == 1
+    assert all(versions["head"][key] for key in ("python", "ray", "vllm", "torch")), versions
+    checked = json.loads(_applied(e2e, f"{CLUSTER_NAME}-ray-checked").outputs["stdout"].strip().splitlines()[-1])
+    interfaces = {node["name"]: node["interface"] for node in deployed.outputs["nodes"]}
+    host_of = {h.address: name for h, name in zip(e2e.cluster.hosts, ("head", "w1", "w2"))}
+    assert checked["ok"] and len(checked["nodes"]) == 3
+    netns = {h.address: h.netns for h in e2e.cluster.hosts}
+    for node in checked["nodes"]:
+        # Each node's Gloo interface is the one the facts step found holding its address: the host's veth.
+        assert node["gloo_interface"] == interfaces[host_of[node["address"]]] == f"{netns[node['address']]}h", node
+
+
+def test_a_wrong_interface_on_a_worker_stops_the_apply_naming_it(e2e, deployed):
+    worker = e2e.workers[1]
+    ray_worker = _inspect(e2e, worker, RAY_WORKER, ".Id")
+    e2e.config["workers"][1]["interface"] = "nosuch0"
+    started = time.monotonic()
+    try:
+        with pytest.raises(Exception) as failed:
+            apply(e2e.config, e2e.applier, secrets=e2e.secrets)
+        took = time.monotonic() - started
+    finally:
+        del e2e.config["workers"][1]["interface"]
+    message = str(failed.value) + str(failed.value.__cause__ or "")
+    assert "w2" in message and "nosuch0" in message and "workers[1].interface" in message, message[-2000:]
+    assert took < 120, took
+    assert _inspect(e2e, worker, RAY_WORKER, ".Id") == ray_worker  # nothing was placed on w2
+    apply(e2e.config, e2e.applier, secrets=e2e.secrets)  # back as it was
+    assert _inspect(e2e, worker, RAY_WORKER, ".Id") == ray_worker
+
+
+def test_the_check_names_a_worker_whose_image_differs(e2e, deployed):
+    """A worker whose image carries another vLLM than the head's: the check (the command the program
+    declares) fails within its timeout naming that node and both versions."""
+    worker = e2e.workers[1]
+    in_worker = lambda code: shlex.join(["docker", "exec", RAY_WORKER, "python3", "-c", code])  # noqa: E731
+    version_file = e2e.cluster.ssh(worker, in_worker("import vllm.version as v; print(v.__file__)")).stdout.strip()
+    script = _applied(e2e, f"{CLUSTER_NAME}-ray-checked").inputs["create"]
+    e2e.cluster.ssh(worker, shlex.join(["docker", "exec", RAY_WORKER, "cp", version_file, version_file + ".orig"]))
+    try:
+        e2e.cluster.ssh(worker, in_worker(
+            f"p = {version_file!r}; open(p, 'a').write('\\n__version__ = \"0.0.1-other\"\\n')"))
+        started = time.monotonic()
+        result = e2e.cluster.ssh(e2e.head, script, check=False, timeout=600)
+        took = time.monotonic() - started
+    finally:
+        e2e.cluster.ssh(worker, shlex.join(["docker", "exec", RAY_WORKER, "mv", version_file + ".orig", version_file]))
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
+    assert worker.address in result.stderr and "0.0.1-other" in result.stderr, result.stderr[-2000:]
+    assert took < 240, took
+
+
+def _applied(e2e, name: str):
+    """What the applier holds for a resource (its inputs and its real outputs)."""
+    (found,) = [applied for applied in e2e.applier.state.values() if applied.name == name]
+    return found
 
 
 def _gateway_pid(e2e) -> int:
