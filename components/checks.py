@@ -103,6 +103,12 @@ def _placement_problems(config: StackConfig) -> list[str]:
     if sum(d.replicas or 1 for d in spanning) > 1:
         return [f"{spanning[-1].key}.replicas: only one replica in the stack may span nodes (Ray would place the "
                 "pipeline stages of two on whichever nodes are free); give the others a layout that fits one node"]
+    for demand in wanted:
+        if demand.spare and (demand.replicas != 1 or demand.spans_nodes):
+            why = "several replicas roll one at a time anyway" if demand.replicas != 1 else \
+                "a replica spanning nodes has no spare node to start beside"
+            return [f"{demand.key}.updateStrategy: blueGreen keeps a second copy of one replica that fits one node "
+                    f"ready; {why}: remove updateStrategy or set replicas: 1 and a layout that fits one node"]
     filling = [d for d in wanted if d.replicas == 0 and profile.has_gpus]
     if len(filling) > 1:
         return [f"{filling[1].key}.replicas: 0 (as many as fit) — only one model can take the devices left, "

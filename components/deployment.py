@@ -12,7 +12,7 @@ from components.gateway import Gateway, GatewayArgs
 from components.host import Host, HostArgs
 from components.model_server import ModelServer, ModelServerArgs
 from components.model_store import ModelStore, ModelStoreArgs
-from components.node_image import NodeImage, NodeImageArgs
+from components.node_image import NodeImage, NodeImageArgs, image_tag
 from components.plan import Plan
 from components.ray_cluster import RayCluster, RayClusterArgs
 
@@ -46,7 +46,8 @@ class Deployment(pulumi.ComponentResource):
         hosts = {host.label: host for host in [head, *workers]}
         servers = [
             ModelServer(f"{name}-server-{model.name}", ModelServerArgs(
-                plan, model, hosts, image.image_ids, ray.checked, stores[model.directory].verified, head.internal_key
+                plan, model, hosts, image.image_ids, ray.checked, stores[model.directory].verified, head.internal_key,
+                image_tag(plan),
             ), child)
             for model in plan.models
         ]

@@ -5,30 +5,41 @@ which the gateway learns of it without restarting.
 A settings change replaces the replicas one at a time: replica k's container waits for replica
 k-1's route, and a container is replaced delete-before-replace (its name is fixed), which first
 deletes its route — the gateway drains it — so capacity never drops below N-1 replicas.
+
+A blue-green replica (updateStrategy: blueGreen, one replica with room for a second copy on its
+node) is instead named after its settings: a change starts a new copy on the slot the running one
+does not hold, routes to it once healthy, and removes the old copy (drained first) at the end of the
+update, as Pulumi deletes what a program no longer declares.
 """
 
 from __future__ import annotations
 
 import json
 import shlex
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pulumi
 
 from components.host import Host
 from components.plan import ModelPlan, Plan, ReplicaPlan
-from components.specs import REPLICA_KEY_ENV, server_container_spec
+from components.specs import REPLICA_KEY_ENV, generation, server_container_spec
 
 HEALTH_POLL_SECONDS = 5
 
 
-def server_health_script(container: str, url: str, timeout_s: int) -> str:
-    """Wait until the server answers /health; on timeout show its last log lines, not a bare error."""
+# Where a blue-green copy's launcher writes the URL of the slot it took (docs/runtime-contract.md).
+SERVING_URL_FILE = "/tmp/node-runtime-url"
+
+
+def server_health_script(container: str, url: str | None, timeout_s: int) -> str:
+    """Wait until the server answers /health, then print its URL (the last line); on timeout show
+    its last log lines, not a bare error. url None: the launcher chose it (SERVING_URL_FILE)."""
     name = shlex.quote(container)
-    probe = f"import urllib.request; urllib.request.urlopen('{url}/health', timeout=5)"
+    probe = "import sys, urllib.request; urllib.request.urlopen(sys.argv[1] + '/health', timeout=5)"
+    find = f"url={shlex.quote(url)}" if url else f"url=$(docker exec {name} cat {SERVING_URL_FILE} 2>/dev/null)"
     return "\n".join([
         f"deadline=$(( $(date +%s) + {timeout_s} ))",
-        f"until docker exec {name} python3 -c {shlex.quote(probe)} >/dev/null 2>&1; do",
+        f'until {find} && [ -n "$url" ] && docker exec {name} python3 -c {shlex.quote(probe)} "$url" >/dev/null 2>&1; do',
         '  if [ "$(date +%s)" -ge "$deadline" ]; then',
         f'    echo "model server {container} is not healthy after {timeout_s}s (timeouts.serverReady); its last log lines:" >&2',
         f"    docker logs --tail 40 {name} >&2",
@@ -36,41 +47,56 @@ def server_health_script(container: str, url: str, timeout_s: int) -> str:
         "  fi",
         f"  sleep {HEALTH_POLL_SECONDS}",
         "done",
-        f"echo {name} healthy",
+        'echo "$url"',
     ])
 
 
-def route_file(plan: Plan, model: ModelPlan, replica: ReplicaPlan) -> str:
-    return f"{plan.routes_dir}/{model.name}-{replica.index}.json"
+@dataclass(frozen=True)
+class Copy:
+    """One running copy of a replica: its resources' name, its container, and how the gateway knows it.
+    A rolling replica has one copy for good; a blue-green one a new copy for every change."""
+
+    resource: str
+    container: str
+    id: str  # the gateway's replica label
+    route: str  # its route file's name
+
+    def route_file(self, plan: Plan) -> str:
+        return f"{plan.routes_dir}/{self.route}.json"
 
 
-def route_script(plan: Plan, model: ModelPlan, replica: ReplicaPlan) -> str:
-    """On the head: the replica's route file, written whole (the gateway never reads half a file)."""
-    path = route_file(plan, model, replica)
-    route = json.dumps({"model": model.name, "replica": replica.id, "url": replica.url, "node": replica.home.label},
-                       sort_keys=True)
-    temporary = f"{plan.routes_dir}/.{model.name}-{replica.index}.tmp"
+def route_script(plan: Plan, copy: Copy, url: str, node: str, model: str) -> str:
+    """On the head: the copy's route file, written whole (the gateway never reads half a file)."""
+    route = json.dumps({"model": model, "replica": copy.id, "url": url, "node": node}, sort_keys=True)
+    temporary = f"{plan.routes_dir}/.{copy.route}.tmp"
     return "\n".join([
         "set -eu",
         f"mkdir -p {shlex.quote(plan.routes_dir)}",
         f"printf '%s\\n' {shlex.quote(route)} > {shlex.quote(temporary)}",
-        f"mv {shlex.quote(temporary)} {shlex.quote(path)}",
+        f"mv {shlex.quote(temporary)} {shlex.quote(copy.route_file(plan))}",
     ])
 
 
-def unroute_script(plan: Plan, replica: ReplicaPlan, path: str) -> str:
-    """On the head: remove the route, then let the gateway finish what the replica is answering."""
+def unroute_script(plan: Plan, copy: Copy) -> str:
+    """On the head: remove the route, then let the gateway finish what the copy is answering."""
     gateway = shlex.quote(plan.container_name("gateway"))
-    drain = shlex.join(["node-runtime", "gateway", "drain", "--replica", replica.id,
+    drain = shlex.join(["node-runtime", "gateway", "drain", "--replica", copy.id,
                         "--metrics-url", plan.gateway_metrics_url, "--timeout", str(plan.config.timeouts.drain)])
     return "\n".join([
         "set -eu",
-        f"rm -f {shlex.quote(path)}",
+        f"rm -f {shlex.quote(copy.route_file(plan))}",
         # No gateway running (first deploy, or it is being removed too): nothing to drain.
         f"if [ \"$(docker inspect --format '{{{{.State.Running}}}}' {gateway} 2>/dev/null)\" = true ]; then",
         f"  docker exec {gateway} {drain}",
         "fi",
     ])
+
+
+def copy_of(name: str, model: ModelPlan, replica: ReplicaPlan, container: str, generation: str | None) -> Copy:
+    if generation is None:
+        return Copy(f"{name}-{replica.index}", container, replica.id, f"{model.name}-{replica.index}")
+    return Copy(f"{name}-{replica.index}-{generation}", f"{container}-{generation}", f"{replica.id}-{generation}",
+                f"{model.name}-{replica.index}-{generation}")
 
 
 @dataclass
@@ -82,6 +108,8 @@ class ModelServerArgs:
     cluster_ready: pulumi.Resource
     model_verified: list[pulumi.Resource]
     internal_key: pulumi.Input[str]
+    # The node image's tag (a hash of its recipe): a blue-green copy's name follows it.
+    image_tag: str
 
 
 class ModelServer(pulumi.ComponentResource):
@@ -102,12 +130,13 @@ class ModelServer(pulumi.ComponentResource):
         for replica in model.replicas:
             host = args.hosts[replica.home.label]
             spec = server_container_spec(plan, model, replica)
-            child = f"{name}-{replica.index}"
+            copy = copy_of(name, model, replica, spec.name,
+                           generation(spec, args.image_tag) if replica.spare else None)
             # Replica 0 keeps the URNs of the one server a model had before replicas.
-            before = (lambda role: [pulumi.Alias(name=f"{name}-{role}")]) if replica.index == 0 else (lambda role: [])
+            before = (lambda role: [pulumi.Alias(name=f"{name}-{role}")]) if copy.resource == f"{name}-0" else (lambda role: [])
             container = host.container(
-                f"{child}-container",
-                spec,
+                f"{copy.resource}-container",
+                replace(spec, name=copy.container),
                 image=args.image_ids[host.label],
                 parent=self,
                 depends_on=[args.cluster_ready, *args.model_verified, *previous],
@@ -116,19 +145,21 @@ class ModelServer(pulumi.ComponentResource):
                 aliases=before("container"),
             )
             healthy = host.command(
-                f"{child}-healthy",
-                server_health_script(spec.name, replica.url, server_ready),
+                f"{copy.resource}-healthy",
+                server_health_script(copy.container, None if replica.spare else replica.url, server_ready),
                 triggers=[container.id],
                 timeout=server_ready + 60,
                 parent=self,
                 depends_on=[container],
                 aliases=before("healthy"),
             )
-            path = route_file(plan, model, replica)
+            # A blue-green copy's URL is the slot its launcher took, which its health gate printed.
+            url = healthy.stdout.apply(lambda out: (out.strip().splitlines() or [""])[-1]) if replica.spare else replica.url
             routed = head.command(
-                f"{child}-routed",
-                route_script(plan, model, replica),
-                delete=unroute_script(plan, replica, path),
+                f"{copy.resource}-routed",
+                pulumi.Output.from_input(url).apply(
+                    lambda u, c=copy, r=replica: route_script(plan, c, u, r.home.label, model.name)),
+                delete=unroute_script(plan, copy),
                 triggers=[container.id],
                 timeout=plan.config.timeouts.drain + 60,
                 parent=self,

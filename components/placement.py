@@ -31,6 +31,8 @@ class Demand:
     world: int
     # Whether each replica spans whole nodes (more devices than any one node has).
     spans_nodes: bool
+    # Room for a second copy of the (one) replica on the same node: its blue-green spare.
+    spare: bool = False
 
 
 @dataclass(frozen=True)
@@ -89,13 +91,13 @@ def place(gpus: list[int], demands: list[Demand]) -> list[list[Slot]]:
         per_node = gpus[0]
         put(d, tuple(range(demand.world // per_node)), tuple(range(per_node)))
 
-    def place_one(d: int) -> bool:
+    def place_one(d: int, nodes: list[int] | None = None) -> bool:
         demand = demands[d]
 
         def fits(node: int) -> tuple[int, ...] | None:
             return _aligned_block(devices.free[node], demand.world) if demand.world <= gpus[node] else None
 
-        candidates = [(n, block) for n in range(len(gpus)) if (block := fits(n))]
+        candidates = [(n, block) for n in (nodes or range(len(gpus))) if (block := fits(n))]
         if not candidates:
             return False
         # Spread a model over nodes first, then fill the emptiest node; head first on ties.
@@ -106,13 +108,19 @@ def place(gpus: list[int], demands: list[Demand]) -> list[list[Slot]]:
     counted = [d for d, demand in enumerate(demands) if not demand.spans_nodes and demand.replicas]
     for round_ in range(max((demands[d].replicas for d in counted), default=0)):
         for d in counted:
-            if demands[d].replicas > round_ and not place_one(d):
-                demand = demands[d]
+            demand = demands[d]
+            if demand.replicas > round_ and not place_one(d):
                 raise PlacementError(
                     f"{demand.key}.replicas: replica {round_ + 1} of {demand.replicas} "
                     f"({demand.world} devices on one node) does not fit in the devices left "
                     f"({', '.join(str(devices.count(n)) for n in range(len(gpus)))} free per node); "
                     "lower replicas or tensorParallelSize, or add nodes"
+                )
+            if round_ == 0 and demand.spare and not place_one(d, [slots[d][0].nodes[0]]):
+                raise PlacementError(
+                    f"{demand.key}.updateStrategy: blueGreen needs room for a second copy ({demand.world} devices) "
+                    "on the node of the first, and there is none; "
+                    "use the rolling strategy with replicas: 2, or give the other models fewer devices"
                 )
     for d, demand in enumerate(demands):
         if not demand.spans_nodes and demand.replicas == 0:
@@ -127,9 +135,10 @@ def place(gpus: list[int], demands: list[Demand]) -> list[list[Slot]]:
 
 
 def _place_without_devices(nodes: int, demands: list[Demand]) -> list[list[Slot]]:
-    """CPU nodes: replica r of a model on node r mod N (replicas: 0 = one per node)."""
+    """CPU nodes: replica r of a model on node r mod N (replicas: 0 = one per node); a blue-green
+    spare beside its replica."""
     slots = []
     for demand in demands:
         count = demand.replicas or nodes
-        slots.append([Slot((r % nodes,), (), r // nodes) for r in range(count)])
+        slots.append([Slot((r % nodes,), (), r // nodes) for r in range(count)] + ([Slot((0,), (), 1)] if demand.spare else []))
     return slots

@@ -177,10 +177,18 @@ class ReplicaPlan:
     executor: str | None
     container: str
     id: str  # the gateway's name for it: "<served name>/<index>"
+    # blueGreen: the spare (devices, port) on the same node. A new copy takes whichever of the two
+    # the running one does not hold (the launcher decides, by lock), and is switched to once healthy.
+    spare: tuple[tuple[int, ...], int] | None = None
 
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
+
+    @property
+    def slots(self) -> tuple[tuple[tuple[int, ...], int], ...]:
+        """(devices, port) it may run on: its own, and its spare when it has one."""
+        return ((self.devices, self.port),) + ((self.spare,) if self.spare else ())
 
 
 @dataclass(frozen=True)
@@ -254,6 +262,11 @@ class Plan:
         return f"{self.config.data_root}/gateway"
 
     @property
+    def slot_lock_dir(self) -> str:
+        """On every host: which blue-green slot each running copy holds (a lock per slot)."""
+        return f"{self.config.data_root}/slots"
+
+    @property
     def routes_dir(self) -> str:
         return f"{self.gateway_dir}/routes"
 
@@ -316,7 +329,8 @@ def demands(config: StackConfig, profile: Profile) -> list[Demand]:
     found = []
     for i, model in enumerate(config.models):
         world = resolve_layout(model, profile=profile, gpus=gpus).world_size
-        found.append(Demand(f"models[{i}]", model.replicas, world, spans_nodes=bool(profile.has_gpus) and world > max(gpus)))
+        found.append(Demand(f"models[{i}]", model.replicas, world, spans_nodes=bool(profile.has_gpus) and world > max(gpus),
+                            spare=model.update_strategy == "blueGreen"))
     return found
 
 
@@ -386,12 +400,16 @@ def make_plan(config: StackConfig) -> Plan:
         layout = resolve_layout(model, profile=profile, gpus=gpus)
         executor = "ray" if demand.spans_nodes else ("mp" if layout.world_size > 1 else None)
         replicas = []
+        spare = None
+        if demand.spare:  # the last slot is the first replica's spare
+            spare = (model_slots[-1].devices, model_ports[-1][1])
+            model_slots, model_ports = model_slots[:-1], model_ports[:-1]
         for r, (slot, (_, port, _)) in enumerate(zip(model_slots, model_ports)):
             home = nodes[slot.nodes[0]]
             replicas.append(ReplicaPlan(
                 r, home, tuple(nodes[n].label for n in slot.nodes), slot.devices, port,
                 "127.0.0.1" if home.role == "head" else home.cluster_address, executor,
-                name(f"server-{model.name}-{r}"), f"{model.name}/{r}",
+                name(f"server-{model.name}-{r}"), f"{model.name}/{r}", spare,
             ))
         models.append(ModelPlan(i, model, layout, tuple(replicas)))
     cluster = ClusterReadiness(f"{nodes[0].cluster_address}:{config.ray_ports.gcs}", len(nodes),

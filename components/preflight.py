@@ -167,9 +167,12 @@ def preflight_script(plan: Plan, node: NodePlan) -> str:
             f"{device} (extraDevices) is missing on this node: install what creates it (e.g. the RDMA driver "
             "for /dev/infiniband), or remove it from extraDevices"))
     root = shlex.quote(config.model_root)
+    mounted = [plan.ray_temp_dir]
+    if any(r.spare and r.home.label == node.label for model in plan.models for r in model.replicas):
+        mounted.append(plan.slot_lock_dir)
     lines += [
         # Docker refuses a bind mount whose source is missing: make every mounted directory here.
-        f"mkdir -p {root} {shlex.quote(plan.ray_temp_dir)} || fail \"cannot create modelRoot/dataRoot as $(id -un)\"",
+        f"mkdir -p {root} {shlex.join(mounted)} || fail \"cannot create modelRoot/dataRoot as $(id -un)\"",
         f"free_gb=$(df -Pk {root} | awk 'NR==2 {{print int($4/1048576)}}')",
         f'[ "$free_gb" -ge {config.min_free_disk_gb} ] || fail "only ${{free_gb}} GB free under'
         f' {config.model_root}, need {config.min_free_disk_gb}: free space or lower minFreeDiskGb"',

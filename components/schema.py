@@ -181,6 +181,9 @@ class Model(_Model):
     gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
     extra_args: list[str] = []
     allow_patterns: list[str] = []
+    # How a settings change reaches the replicas: one at a time (rolling), or — for one replica —
+    # a new copy on spare devices of the same node, switched to once healthy (blueGreen).
+    update_strategy: Literal["rolling", "blueGreen"] = "rolling"
     ignore_patterns: list[str] = []
 
     @field_validator("id")

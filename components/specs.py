@@ -7,8 +7,9 @@ node's devices, address and interfaces cannot drift between them.
 
 from __future__ import annotations
 
+import hashlib
 import json
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from components.accelerators import Profile
@@ -201,6 +202,8 @@ def serve_spec(plan: Plan, model: ModelPlan, replica: ReplicaPlan) -> dict[str, 
         "gpu_memory_utilization": config.gpu_memory_utilization,
         "extra_args": list(config.extra_args),
         "cluster": cluster_json(plan) if replica.executor == "ray" else None,
+        **({"slots": [{"devices": list(devices), "port": port} for devices, port in replica.slots],
+            "slot_lock_dir": plan.slot_lock_dir} if replica.spare else {}),
     }
 
 
@@ -210,13 +213,22 @@ def server_container_spec(plan: Plan, model: ModelPlan, replica: ReplicaPlan) ->
     A replica on Ray's executor is a Ray driver beside its node's Ray; any other has a PID namespace
     of its own, so no engine process outlives its server."""
     on_ray = replica.executor == "ray"
-    spec = node_container_spec(plan, replica.home, f"server-{model.name}-{replica.index}", list(SERVER_ENTRY),
-                               replica.devices)
+    # A blue-green replica sees both its slots' devices; its launcher keeps those of the slot it takes.
+    devices = tuple(sorted({device for slot_devices, _ in replica.slots for device in slot_devices}))
+    spec = node_container_spec(plan, replica.home, f"server-{model.name}-{replica.index}", list(SERVER_ENTRY), devices)
     spec.envs[SERVE_SPEC_ENV] = to_env_json(serve_spec(plan, model, replica))
     if on_ray:
         return spec
-    return replace(spec, pid_mode=None, init=True,
-                   bind_mounts=[m for m in spec.bind_mounts if m[0] != plan.ray_temp_dir])
+    mounts = [m for m in spec.bind_mounts if m[0] != plan.ray_temp_dir]
+    if replica.spare:
+        mounts.append((plan.slot_lock_dir, False))
+    return replace(spec, pid_mode=None, init=True, bind_mounts=mounts)
+
+
+def generation(spec: ContainerSpec, image_tag: str) -> str:
+    """A short name for everything a copy runs with: a blue-green copy's names change with its
+    settings or its image, so a change starts a new copy beside the running one."""
+    return hashlib.sha256((json.dumps(asdict(spec), sort_keys=True) + image_tag).encode()).hexdigest()[:8]
 
 
 def gateway_config(plan: Plan) -> dict[str, Any]:

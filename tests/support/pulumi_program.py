@@ -127,6 +127,9 @@ class ProgramMocks(pulumi.runtime.Mocks):
 
 
 def _command_stdout(name: str, create: str) -> str:
+    if name.endswith("-healthy"):
+        # A health gate prints the URL its server answers on (a blue-green copy's, the slot it took).
+        return "http://127.0.0.1:8200\n"
     if name.endswith("-relay-key"):
         return "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIMockRelayKeyForTests relay\n"
     if name.endswith("-id") and "docker image inspect" in create:

@@ -98,3 +98,23 @@ def test_request_logging_flag_follows_the_vllm_version():
 
 def test_installed_vllm_version_is_found_without_importing_vllm():
     assert installed_vllm_version() == "0.32.0"  # the CPU build the suite installs (requirements-test.txt)
+
+
+def test_blue_green_copies_take_different_slots(tmp_path, monkeypatch):
+    """A new copy takes the slot the running one does not hold; with both held, a clear refusal."""
+    from node_runtime.serving import launcher
+
+    monkeypatch.setattr(launcher, "SERVING_URL_FILE", str(tmp_path / "url"))
+    spec = _spec(tensor_parallel_size=4, pipeline_parallel_size=1, distributed_executor_backend="mp", cluster=None,
+                 slots=[{"devices": [0, 1, 2, 3], "port": 8100}, {"devices": [4, 5, 6, 7], "port": 8200}],
+                 slot_lock_dir=str(tmp_path / "slots"))
+    first_env, second_env = {"HIP_VISIBLE_DEVICES": "0,1,2,3,4,5,6,7"}, {"HIP_VISIBLE_DEVICES": "0,1,2,3,4,5,6,7"}
+    first = launcher.take_slot(spec, first_env)
+    assert (first.port, first_env["HIP_VISIBLE_DEVICES"]) == (8100, "0,1,2,3")
+    second = launcher.take_slot(spec, second_env)  # the first copy still runs (its lock is held)
+    assert (second.port, second_env["HIP_VISIBLE_DEVICES"]) == (8200, "4,5,6,7")
+    assert (tmp_path / "url").read_text() == "http://127.0.0.1:8200\n"
+    with pytest.raises(LaunchError, match="every blue-green slot of Llama-3-8B-Instruct is held"):
+        launcher.take_slot(spec, {})
+    with pytest.raises(ValueError, match="slots and slot_lock_dir"):
+        _spec(slots=spec.model_dump()["slots"])

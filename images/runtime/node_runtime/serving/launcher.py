@@ -4,6 +4,7 @@ The launcher replaces itself with vLLM (exec), so vLLM's output is the container
 Docker's signals reach vLLM directly.
 """
 
+import fcntl
 import importlib.metadata
 import json
 import os
@@ -126,6 +127,39 @@ def check_layout(spec: ServeSpec, cluster: ClusterState | None, environ: dict[st
         )
 
 
+# Where a blue-green copy tells its health gate the URL of the slot it took (components/model_server.py).
+SERVING_URL_FILE = "/tmp/node-runtime-url"
+
+
+def take_slot(spec: ServeSpec, environ: dict[str, str]) -> ServeSpec:
+    """Blue-green: the first slot no running copy of this model holds, locked for this process's
+    life (the lock passes to vLLM through exec and goes with its last process); the spec and the
+    devices in view become that slot's. Without slots, the spec as it is."""
+    if spec.slots is None:
+        return spec
+    os.makedirs(spec.slot_lock_dir, exist_ok=True)
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", spec.served_model_name)
+    for index, slot in enumerate(spec.slots):
+        lock = os.open(f"{spec.slot_lock_dir}/{name}-{index}.lock", os.O_CREAT | os.O_RDWR, 0o600)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(lock)
+            continue
+        os.set_inheritable(lock, True)
+        variable = VISIBLE_DEVICES.get(spec.accelerator)
+        if variable:
+            environ[variable] = ",".join(str(device) for device in slot.devices)
+        taken = spec.model_copy(update={"port": slot.port})
+        with open(SERVING_URL_FILE, "w") as url:
+            url.write(f"http://{taken.host}:{taken.port}\n")
+        return taken
+    raise LaunchError(
+        f"every blue-green slot of {spec.served_model_name} is held by a running copy (locks in {spec.slot_lock_dir}): "
+        "a copy left from an update that did not finish — remove the older container (docker ps) and re-run `pulumi up`"
+    )
+
+
 def check_port(spec: ServeSpec) -> None:
     """The replica's port must be free on its node (another program, or a replica the plan put there)."""
     with socket.socket(socket.AF_INET6 if ":" in spec.host else socket.AF_INET) as probe:
@@ -161,6 +195,7 @@ def prepare(spec: ServeSpec, log=lambda line: print(line, file=sys.stderr, flush
         state = wait_for_cluster(spec.cluster, report=log)
         log(f"Ray cluster ready: {state.nodes} nodes, {state.gpus:g} GPUs")
     check_model(spec.model_path)
+    spec = take_slot(spec, environ)
     check_layout(spec, state, environ)
     check_port(spec)
     model_config = read_model_config(spec.model_path)

@@ -6,7 +6,7 @@ mistyped key fails at once with its name instead of being silently ignored.
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
 class _Strict(BaseModel):
@@ -20,6 +20,13 @@ class ClusterSpec(_Strict):
     expected_nodes: int = Field(ge=1)
     expected_gpus: int = Field(ge=0, description="GPUs in the whole cluster")
     timeout_s: float = Field(gt=0)
+
+
+class Slot(_Strict):
+    """Where a blue-green copy may run: these devices of its node, this port."""
+
+    devices: list[int]
+    port: int = Field(ge=1, le=65535)
 
 
 class ServeSpec(_Strict):
@@ -45,6 +52,16 @@ class ServeSpec(_Strict):
     extra_args: list[str] = []
     # The Ray cluster to wait for: only a replica on Ray's executor runs on it.
     cluster: ClusterSpec | None = None
+    # Blue-green: the two slots a copy may take (the one the running copy does not hold, by a lock in
+    # slot_lock_dir); `port` and the devices in view are then the slot's.
+    slots: list[Slot] | None = Field(None, min_length=2)
+    slot_lock_dir: str | None = Field(None, pattern=r"^/")
+
+    @model_validator(mode="after")
+    def _slots_need_a_lock_dir(self) -> "ServeSpec":
+        if (self.slots is None) != (self.slot_lock_dir is None):
+            raise ValueError("slots and slot_lock_dir: give both (a blue-green copy) or neither")
+        return self
 
     @property
     def world_size(self) -> int:
