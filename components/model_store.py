@@ -38,6 +38,11 @@ def download_script(plan: Plan, model: Model, image: str, *, with_token: bool) -
         args += ["--allow", pattern]
     for pattern in model.ignore_patterns:
         args += ["--ignore", pattern]
+    # A mirror for the model's own hub (each option applies to its own source only).
+    endpoint = {"huggingface": ("--hf-endpoint", config.hf_endpoint),
+                "modelscope": ("--modelscope-endpoint", config.modelscope_endpoint)}.get(model.source)
+    if endpoint and endpoint[1]:
+        args += list(endpoint)
     mounts = [config.model_root]
     if model.local_path:
         args += ["--local-dir", model.local_path]

@@ -1,56 +1,20 @@
-"""NodeImage: the same node image on every host — pushed to a registry, or built on the head and
-streamed to each worker — with the image ID each host actually holds."""
+"""NodeImage: the same node image on every host — built on the head, then pushed to a registry,
+relayed to the workers layer by layer, or streamed whole — with the image ID each host holds.
+What each step runs is components/image_distribution.py."""
 
 from __future__ import annotations
 
-import hashlib
-import shlex
 from dataclasses import dataclass
-from pathlib import Path
 
 import pulumi
 import pulumi_docker as docker
 
 from components.host import Host
-from components.plan import NodePlan, Plan
-
-PROJECT_DIR = Path(__file__).resolve().parent.parent
-IMAGES_DIR = PROJECT_DIR / "images"
-
-
-def recipe_files(plan: Plan) -> list[Path]:
-    """What the image is built from: the profile's Dockerfile and the runtime package."""
-    runtime = sorted(
-        p for p in (IMAGES_DIR / "runtime").rglob("*")
-        if p.is_file() and "__pycache__" not in p.parts and ".egg-info" not in str(p)
-    )
-    return [PROJECT_DIR / plan.profile.recipe, *runtime]
-
-
-def image_tag(plan: Plan) -> str:
-    """Changes exactly when the recipe or the base image changes, so containers follow the image."""
-    digest = hashlib.sha256(plan.config.base_image.encode())
-    for path in recipe_files(plan):
-        digest.update(str(path.relative_to(IMAGES_DIR)).encode() + b"\0" + path.read_bytes())
-    return f"{plan.profile.name}-{digest.hexdigest()[:16]}"
-
-
-def image_repository(plan: Plan) -> str:
-    return plan.config.image_registry or f"{plan.config.cluster_name}-node"
-
-
-def stream_image_script(plan: Plan, reference: str, node: NodePlan) -> str:
-    """On the head: `docker save | ssh worker docker load` with the head's relay key."""
-    ssh = shlex.join([
-        "ssh", "-i", plan.relay_key_path, "-p", str(node.ssh.port),
-        "-o", "StrictHostKeyChecking=accept-new", "-o", "BatchMode=yes", f"{node.ssh.user}@{node.ssh.host}",
-        "docker load",
-    ])
-    return shlex.join(["bash", "-euo", "pipefail", "-c", f"docker save {shlex.quote(reference)} | {ssh}"])
-
-
-def inspect_id_script(reference: str) -> str:
-    return f"docker image inspect --format '{{{{.Id}}}}' {shlex.quote(reference)}"
+from components.image_distribution import (
+    CONTEXT, base_check_script, base_pull_script, build_args, claim_base_script, fetch_script, image_repository,
+    image_tag, inspect_id_script, push_script, relay_container_spec, stream_image_script, uses_relay,
+)
+from components.plan import Plan
 
 
 @dataclass
@@ -67,28 +31,52 @@ class NodeImage(pulumi.ComponentResource):
 
     def __init__(self, name: str, args: NodeImageArgs, opts: pulumi.ResourceOptions | None = None):
         super().__init__("vllm-dcu:index:NodeImage", name, None, opts)
-        plan = args.plan
+        plan, head = args.plan, args.head
         config = plan.config
-        reference = f"{image_repository(plan)}:{image_tag(plan)}"
+        tag = image_tag(plan)
         pushed = config.image_registry is not None
+        before_build: list[pulumi.Resource] = [head.preflight]
+        if check := base_check_script(plan):
+            before_build.append(head.command(f"{name}-base", check, triggers=[config.base_image_id],
+                                             parent=self, depends_on=[head.preflight]))
+        # nodesPullBase: every node pulls the base from its registry (the head too: the push then knows
+        # the registry's digests of its layers).
+        base_pulls = {
+            host.label: host.command(f"{name}-{host.label}-base-pull", base_pull_script(plan, host.node),
+                                     triggers=[config.base_image], parent=self, depends_on=host.ready)
+            for host in [head, *args.workers]
+        } if config.nodes_pull_base and uses_relay(plan) else {}
+        if head.label in base_pulls:
+            before_build.append(base_pulls[head.label])
         built = docker.Image(
             f"{name}-build",
-            image_name=reference,
+            image_name=f"{image_repository(plan)}:{tag}",
             build=docker.DockerBuildArgs(
-                context=str(IMAGES_DIR),
-                dockerfile=str(PROJECT_DIR / plan.profile.recipe),
-                args={"BASE_IMAGE": config.base_image},
+                context=CONTEXT,
+                dockerfile=plan.profile.recipe,
+                args=build_args(plan),
                 platform="linux/amd64",
             ),
             skip_push=not pushed,
-            opts=pulumi.ResourceOptions(
-                parent=self, provider=args.head.provider, depends_on=[args.head.preflight]
-            ),
+            opts=pulumi.ResourceOptions(parent=self, provider=head.provider, depends_on=before_build),
         )
-        self.reference = built.repo_digest if pushed else built.image_name
+        self.reference: pulumi.Output[str] = built.repo_digest if pushed else built.image_name
+        on_head: list[pulumi.Resource] = [built]
+        if uses_relay(plan):
+            relay = head.container(f"{name}-relay", relay_container_spec(plan), image=built.image_name,
+                                   parent=self, depends_on=[built, *head.ready], delete_before_replace=True)
+            before_push: list[pulumi.Resource] = [relay]
+            if base_pulls:
+                before_push.append(head.command(
+                    f"{name}-claim-base", built.image_name.apply(lambda image: claim_base_script(plan, image)),
+                    triggers=[config.base_image, built.image_name], parent=self, depends_on=[relay]))
+            push = head.command(f"{name}-push", built.image_name.apply(lambda image: push_script(plan, image, tag)),
+                                triggers=[built.image_name], parent=self, depends_on=before_push)
+            self.reference = push.stdout.apply(str.strip)
+            on_head.append(push)
         self.image_ids = {}
-        for host in [args.head, *args.workers]:
-            placed: list[pulumi.Resource] = [built, *host.ready]
+        for host in [head, *args.workers]:
+            placed: list[pulumi.Resource] = [*on_head, *host.ready, *([base_pulls[host.label]] if base_pulls else [])]
             if pushed:
                 placed.append(docker.RemoteImage(
                     f"{name}-{host.label}-pull",
@@ -96,11 +84,14 @@ class NodeImage(pulumi.ComponentResource):
                     keep_locally=True,
                     opts=pulumi.ResourceOptions(parent=self, provider=host.provider),
                 ))
-            elif host is not args.head:
-                placed.append(args.head.command(
-                    f"{name}-{host.label}-stream",
-                    built.image_name.apply(lambda ref, node=host.node: stream_image_script(plan, ref, node)),
-                    triggers=[built.image_name],
+            elif host is not head:
+                # The head hands it over: a pull through the relay's tunnel, or the whole image streamed.
+                step, script, source = ("fetch", fetch_script, self.reference) if uses_relay(plan) \
+                    else ("stream", stream_image_script, built.image_name)
+                placed.append(head.command(
+                    f"{name}-{host.label}-{step}",
+                    source.apply(lambda ref, node=host.node, script=script: script(plan, node, ref)),
+                    triggers=[source],
                     parent=self,
                     depends_on=placed,
                 ))

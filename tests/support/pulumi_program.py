@@ -132,6 +132,9 @@ def _command_stdout(name: str, create: str) -> str:
         return "http://127.0.0.1:8200\n"
     if name.endswith("-relay-key"):
         return "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIMockRelayKeyForTests relay\n"
+    if name.endswith("-push") and "docker push" in create:
+        # The image relay's reference for what was pushed (components/image_distribution.py).
+        return "127.0.0.1:5550/node@sha256:" + hashlib.sha256(create.encode()).hexdigest() + "\n"
     if name.endswith("-id") and "docker image inspect" in create:
         # Every host holds the same image: its ID follows from the reference alone.
         reference = create.rsplit(" ", 1)[-1].strip("'")

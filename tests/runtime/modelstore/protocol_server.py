@@ -28,7 +28,8 @@ class ProtocolServer:
     cut_after_bytes: int | None = None
     cut: set[str] = field(default_factory=set)
 
-    def start(self) -> str:
+    def start(self, host: str = "127.0.0.1") -> str:
+        """Serve on `host` (another address than loopback: for clients in simulated hosts' namespaces)."""
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -43,10 +44,10 @@ class ProtocolServer:
             def do_GET(self):
                 server.handle(self, server.record(self), head=False)
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd = ThreadingHTTPServer((host, 0), Handler)
         self.httpd.daemon_threads = True
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.url = f"http://{host}:{self.httpd.server_address[1]}"
         return self.url
 
     def stop(self) -> None:
