@@ -52,9 +52,10 @@ def stack_config(cluster: DockerCluster, base_image: str) -> dict[str, Any]:
             "id": f"local/{MODEL_NAME}", "source": "local", "localPath": MODEL_SOURCE,
             "replicas": REPLICAS,  # one per host (CPU: no devices; replica r on node r)
             "maxNumSeqs": 4, "maxModelLen": 256, "dtype": "float32", "extraArgs": ["--enforce-eager"],
-            # On CPU this is the share of the machine's memory vLLM reserves: 0.9 would not start
-            # beside the rest of the cluster (and anything else) on one machine.
-            "gpuMemoryUtilization": 0.1,
+            # On CPU this is the share of the machine's memory vLLM reserves for its KV cache: 0.9 would
+            # not start beside the rest of the cluster on one machine, and the tiny model's 4 x 256 tokens
+            # need a few MB: 0.04 (about 1 GB here) keeps three replicas and a rolling copy well inside it.
+            "gpuMemoryUtilization": 0.04,
         }],
     }
 
