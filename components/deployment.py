@@ -12,6 +12,7 @@ from components.gateway import Gateway, GatewayArgs
 from components.host import Host, HostArgs
 from components.model_server import ModelServer, ModelServerArgs
 from components.model_store import ModelStore, ModelStoreArgs
+from components.monitoring import prometheus_scrape_config
 from components.node_image import NodeImage, NodeImageArgs, image_tag
 from components.plan import Plan
 from components.ray_cluster import RayCluster, RayClusterArgs
@@ -65,5 +66,6 @@ class Deployment(pulumi.ComponentResource):
             "nodes": [host.summary for host in [head, *workers]],
             "models": [server.summary for server in servers],
             "plan": plan.as_output(),
+            "prometheusScrapeConfig": prometheus_scrape_config(plan),
         }
         self.register_outputs(self.outputs)

@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-apt_packages=(openssh-server openssh-client rsync iproute2 iptables curl procps docker.io debootstrap docker-registry)
+apt_packages=(openssh-server openssh-client rsync iproute2 iptables curl procps docker.io debootstrap docker-registry prometheus)
 missing=()
 for pkg in "${apt_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing+=("$pkg")

@@ -14,10 +14,9 @@ from prometheus_client.parser import text_string_to_metric_families
 NO_MODEL = "none"
 
 REQUESTS = Counter("gateway_requests", "Requests answered, by endpoint, model and HTTP status", ["endpoint", "model", "status"])
-LATENCY = Histogram(
-    "gateway_request_duration_seconds", "Time to the last byte of the response", ["endpoint", "model"],
-    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
-)
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+LATENCY = Histogram("gateway_request_duration_seconds", "Time to the last byte of the response", ["endpoint", "model"],
+                    buckets=LATENCY_BUCKETS)
 # livesum: with several workers, the sum over the live ones (ignored with one process).
 IN_FLIGHT = Gauge("gateway_requests_in_flight", "Requests being answered", ["endpoint"], multiprocess_mode="livesum")
 # Per replica: labels from the route files, which the program keeps to a bounded set (a model's
@@ -25,6 +24,10 @@ IN_FLIGHT = Gauge("gateway_requests_in_flight", "Requests being answered", ["end
 UPSTREAM_REQUESTS = Counter("gateway_upstream_requests", "Calls to a replica, by its HTTP status (none: no answer)",
                             ["model", "replica", "status"])
 UPSTREAM_ERRORS = Counter("gateway_upstream_errors", "Failed calls to a replica, by kind", ["model", "replica", "kind"])
+# The per-replica side of LATENCY (p50/p99 per replica on the dashboard): a slow replica or node shows here.
+UPSTREAM_LATENCY = Histogram("gateway_upstream_duration_seconds",
+                             "Calls to a replica, from sending the request to the last byte of its answer (streams included)",
+                             ["model", "replica"], buckets=LATENCY_BUCKETS)
 REPLICA_IN_FLIGHT = Gauge("gateway_replica_in_flight", "Calls a replica is answering (streams until their end)",
                           ["model", "replica"], multiprocess_mode="livesum")
 REPLICA_ROUTED = Gauge("gateway_replica_routed", "Gateway workers that may send the replica new requests (its route file is there)",

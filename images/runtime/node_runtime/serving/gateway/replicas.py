@@ -11,11 +11,12 @@ the requests it is answering (streams included) have ended.
 """
 
 import random
+import time
 
 from node_runtime.serving.gateway.config import RouteFile
 from node_runtime.serving.gateway.errors import GatewayError
 from node_runtime.serving.gateway.metrics import (
-    REPLICA_HEALTHY, REPLICA_IN_FLIGHT, REPLICA_ROUTED, UPSTREAM_ERRORS, UPSTREAM_REQUESTS,
+    REPLICA_HEALTHY, REPLICA_IN_FLIGHT, REPLICA_ROUTED, UPSTREAM_ERRORS, UPSTREAM_LATENCY, UPSTREAM_REQUESTS,
 )
 
 NOT_PROBED = "not checked yet"
@@ -31,6 +32,7 @@ class Replica:
         self.problem: str | None = NOT_PROBED  # None while healthy
         self.in_flight = self.requests = self.errors = 0
         self._in_flight = REPLICA_IN_FLIGHT.labels(self.model, self.id)
+        self._latency = UPSTREAM_LATENCY.labels(self.model, self.id)
         self._answered = {}  # HTTP status -> its counter: .labels() is a locked lookup, this a dict get
 
     @property
@@ -41,15 +43,20 @@ class Replica:
             return "healthy"
         return "starting" if self.problem == NOT_PROBED else "unhealthy"
 
-    def begin(self) -> None:
-        """A call to the replica starts; every begin() is matched by one end()."""
+    def begin(self) -> float:
+        """A call to the replica starts; every begin() is matched by one end(), given what begin() returned."""
         self.in_flight += 1
         self.requests += 1
         self._in_flight.inc()
+        return time.perf_counter()
 
-    def end(self) -> None:
+    def end(self, started: float | None = None) -> None:
+        """The call ended (answered to its last byte, or failed); its duration is measured from `started`
+        (None: not timed, as in a simulation of the pools)."""
         self.in_flight -= 1
         self._in_flight.dec()
+        if started is not None:
+            self._latency.observe(time.perf_counter() - started)
 
     def answered(self, status: int) -> None:
         counter = self._answered.get(status)

@@ -113,50 +113,51 @@ def request_id(scope: dict) -> str:
     return rid
 
 
-async def _send(state: GatewayState, scope: dict, model: str, path: str, body: bytes) -> tuple[Replica, aiohttp.ClientResponse]:
+async def _send(state: GatewayState, scope: dict, model: str, path: str,
+                body: bytes) -> tuple[Replica, aiohttp.ClientResponse, float]:
     """POST to the least busy healthy replica, once more to another if it never answered: the answer's
-    head, its replica counted in flight until the caller calls end()."""
+    head, its replica counted in flight until the caller calls end(started) with the third value."""
     headers = {"content-type": "application/json", "accept": header(scope, b"accept") or "*/*",
                "x-request-id": request_id(scope)}
     failed = None
     while True:
         replica = state.pools.pick(model, avoid=failed)
-        replica.begin()
+        started = replica.begin()
         try:
             response = await state.client.post(replica.url + path, data=body, headers=headers)
         except NOT_ANSWERED as down:
-            replica.end()
+            replica.end(started)
             error = not_answered(state.pools, replica, down)
             if failed is not None:
                 raise error from None
             failed = replica
             continue
         except FAILED as broken:
-            replica.end()
+            replica.end(started)
             raise call_failed(replica, broken, answer_started=False) from None
         except BaseException:
-            replica.end()
+            replica.end(started)
             raise
         replica.answered(response.status)
         if response.status >= 500:
             replica.failed("http_5xx")
-        return replica, response
+        return replica, response, started
 
 
-async def _whole_answer(replica: Replica, response: aiohttp.ClientResponse) -> bytes:
+async def _whole_answer(replica: Replica, response: aiohttp.ClientResponse, started: float) -> bytes:
     try:
         return await response.read()
     except FAILED as broken:
         raise call_failed(replica, broken, answer_started=True) from None
     finally:
         response.release()
-        replica.end()
+        replica.end(started)
 
 
 async def post_upstream(state: GatewayState, scope: dict, model: str, path: str, body: bytes) -> tuple[int, bytes]:
     """POST a JSON body to a replica of `model`: its status and whole body."""
-    replica, response = await _send(state, scope, model, path, body)
-    return response.status, await _whole_answer(replica, response)
+    replica, response, started = await _send(state, scope, model, path, body)
+    return response.status, await _whole_answer(replica, response, started)
 
 
 class RelayedStream(StreamingResponse):
@@ -167,8 +168,8 @@ class RelayedStream(StreamingResponse):
     counted and the client's connection is dropped, so a cut stream never looks complete.
     """
 
-    def __init__(self, replica: Replica, response: aiohttp.ClientResponse, headers: dict[str, str]):
-        self.replica, self.upstream = replica, response
+    def __init__(self, replica: Replica, response: aiohttp.ClientResponse, headers: dict[str, str], started: float):
+        self.replica, self.upstream, self.started = replica, response, started
         super().__init__(self._chunks(), status_code=response.status, headers=headers)
 
     async def _chunks(self):
@@ -184,7 +185,7 @@ class RelayedStream(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             self.upstream.release()
-            self.replica.end()
+            self.replica.end(self.started)
 
 
 async def pass_through(state: GatewayState, scope: dict, model: str, path: str, body: bytes, *, stream: bool) -> Response:
@@ -192,9 +193,9 @@ async def pass_through(state: GatewayState, scope: dict, model: str, path: str, 
 
     A non-streaming answer is relayed in one piece: same bytes, fewer writes than a stream.
     """
-    replica, response = await _send(state, scope, model, path, body)
+    replica, response, started = await _send(state, scope, model, path, body)
     headers = {name: value for name, value in response.headers.items() if name.lower() not in NOT_RELAYED}
     headers["x-request-id"] = request_id(scope)
     if stream:
-        return RelayedStream(replica, response, headers)
-    return Response(await _whole_answer(replica, response), status_code=response.status, headers=headers)
+        return RelayedStream(replica, response, headers, started)
+    return Response(await _whole_answer(replica, response, started), status_code=response.status, headers=headers)
