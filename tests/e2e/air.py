@@ -75,15 +75,17 @@ def project_copy(workdir: Path) -> Path:
 
 @contextlib.contextmanager
 def simulated_site(count: int, *, private_dirs: Sequence[str], local: bool = False, log_name: str = "apply.log",
-                   builder_name: str = BUILDER, prefix: str = PREFIX, subnet: str = SUBNET) -> Iterator[AirSite]:
+                   builder_name: str = BUILDER, prefix: str = PREFIX, subnet: str = SUBNET,
+                   copy_recipes: bool = False) -> Iterator[AirSite]:
     """`count` hosts on SUBNET (their own sshd and Docker engine), the pinned Debian base on the
-    builder, an applier that builds from a copy of the recipes. `local`: one host that the
+    builder, an applier that builds the recipes (`copy_recipes`: a copy of them, which the caller
+    may change; it then points the program's recipe at it, components.image_distribution.PROJECT_DIR). `local`: one host that the
     applier treats as "this machine" of a localDocker stack (its engine is the local socket, local
     commands run inside it). Concurrent sites need their own builder, prefix and subnet (the node
     image tarballs they build are shared through the cache)."""
     workdir = Path(tempfile.mkdtemp(prefix=f"{prefix}-", dir="/var/tmp"))
     try:
-        project = project_copy(workdir)
+        project = project_copy(workdir) if copy_recipes else REPO
         with engine(builder_name, state_dir=CACHE_DIR / builder_name, keep_data=True) as builder:
             base_image, base_tag = pinned_base(builder, workdir)
             with docker_hosts(count, workdir=workdir, subnet=subnet, prefix=prefix,
