@@ -48,6 +48,11 @@ def stack_config(cluster: DockerCluster, base_image: str) -> dict[str, Any]:
         "shmSize": "1g",
         "timeouts": {"clusterReady": 300, "serverReady": 600, "drain": 60},
         "gatewayWorkers": 2,  # the multi-process gateway a DCU head runs: its container stops, restarts and serves alike
+        # The three "hosts" share this machine's cores. vLLM's CPU build binds each engine's worker to the
+        # cores left after one it reserves — the same core for every replica here — and spins its OpenMP
+        # threads: replicas then run at speeds 3x apart, which no balancing can even out. One unbound thread
+        # each lets the kernel share the cores fairly, as separate machines would.
+        "extraEnv": {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1"},
         "models": [{
             "id": f"local/{MODEL_NAME}", "source": "local", "localPath": MODEL_SOURCE,
             "replicas": REPLICAS,  # one per host (CPU: no devices; replica r on node r)
