@@ -139,6 +139,10 @@ def stack_problems(config: StackConfig) -> list[str]:
     if config.model_root == config.data_root:
         problems.append("dataRoot: must differ from modelRoot; model files and Ray's state live apart")
     problems += _model_problems(config)
+    served = [model.name for model in config.models]
+    for i, key in enumerate(config.api_keys):
+        if unknown := [name for name in key.models or [] if name not in served]:
+            problems.append(f"apiKeys[{i}].models: {', '.join(unknown)} not served here; use servedName values: {', '.join(served)}")
     # Placement needs valid nodes and layouts to say anything useful.
     return problems or _placement_problems(config)
 

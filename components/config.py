@@ -39,12 +39,40 @@ def _stack_key(loc: tuple[Any, ...]) -> str:
     return key
 
 
+# Named API keys: one secret holding a list of {name, key, models, requestsPerMinute, tokensPerMinute}.
+# The values (`key`) are checked here and go on as a Pulumi secret (Secrets.api_keys); the rest is
+# validated with the stack (StackConfig.api_keys), which never holds a value.
+API_KEYS = "apiKeys"
+MIN_KEY_LENGTH = 16
+
+
+def _without_key_values(entries: Any) -> tuple[Any, list[str]]:
+    """apiKeys as StackConfig validates it, and the problems of its values: each names the entry, never the value."""
+    if not isinstance(entries, list) or not all(isinstance(entry, dict) for entry in entries):
+        return entries, []  # StackConfig names the problem
+    problems, seen = [], {}
+    for i, entry in enumerate(entries):
+        value, where = entry.get("key"), f"{API_KEYS}[{i}].key"
+        if not isinstance(value, str) or not value:
+            problems.append(f"{where}: required: the secret clients send as 'Authorization: Bearer <key>'")
+        elif len(value) < MIN_KEY_LENGTH or any(c.isspace() for c in value):
+            problems.append(f"{where}: use at least {MIN_KEY_LENGTH} characters and no spaces, e.g. `openssl rand -hex 24`")
+        elif value in seen:
+            problems.append(f"{where}: the same value as {API_KEYS}[{seen[value]}].key; give each key its own")
+        else:
+            seen[value] = i
+    return [{k: v for k, v in entry.items() if k != "key"} for entry in entries], problems
+
+
 def parse_stack_config(values: dict[str, Any]) -> StackConfig:
-    """Validate a stack's `vllm-dcu:*` values (already parsed from YAML/JSON)."""
+    """Validate a stack's `vllm-dcu:*` values (already parsed from YAML/JSON; apiKeys with its values)."""
+    values, problems = dict(values), []
+    if API_KEYS in values:
+        values[API_KEYS], key_problems = _without_key_values(values[API_KEYS])
+        problems += [f"{PROJECT}:{p}" for p in key_problems]
     try:
         config = StackConfig.model_validate(values)
     except ValidationError as error:
-        problems = []
         for item in error.errors():
             message = item["msg"].removeprefix("Value error, ")
             if item["type"] == "extra_forbidden":
@@ -53,13 +81,15 @@ def parse_stack_config(values: dict[str, Any]) -> StackConfig:
                 message = "required; set it in the stack file"
             problems.append(f"{PROJECT}:{_stack_key(item['loc'])}: {message}")
         raise ConfigError(problems) from None
-    if problems := stack_problems(config):
-        raise ConfigError([f"{PROJECT}:{p}" for p in problems])
+    problems += [f"{PROJECT}:{p}" for p in stack_problems(config)]
+    if problems:
+        raise ConfigError(problems)
     return config
 
 
-# Secrets travel as Pulumi secrets (Outputs), so they stay out of the plain model above.
-SECRET_KEYS = ("sshPrivateKey", "hfToken", "modelscopeToken", "apiKey")
+# Secrets travel as Pulumi secrets (Outputs), so they stay out of the plain model above (apiKeys
+# without its values is validated there too).
+SECRET_KEYS = ("sshPrivateKey", "hfToken", "modelscopeToken", "apiKey", API_KEYS)
 
 
 @dataclass(frozen=True)
@@ -68,6 +98,7 @@ class Secrets:
     hf_token: Any = None
     modelscope_token: Any = None
     api_key: Any = None
+    api_keys: Any = None  # the JSON list of apiKeys, values included
 
 
 def _stack_value(raw: Any) -> Any:
@@ -89,9 +120,15 @@ def load_stack_config() -> tuple[StackConfig, Secrets]:
     for full_key in sorted(keys):
         key = full_key.removeprefix(prefix)
         value = _stack_value(runtime_config.get_config(full_key))
-        if key not in SECRET_KEYS and value != "":
+        if key == API_KEYS and not runtime_config.is_config_secret(full_key):
+            raise ConfigError([f"{full_key}: holds API key values in plain text; set it as a secret: "
+                               f"pulumi config set --secret {full_key} '[{{\"name\": ..., \"key\": ...}}]'"])
+        if (key not in SECRET_KEYS or key == API_KEYS) and value != "":
             values[key] = value
     config = parse_stack_config(values)
+    single = runtime_config.get_config(f"{prefix}apiKey")
+    if single and any(entry.get("key") == single for entry in values.get(API_KEYS, [])):
+        raise ConfigError([f"{prefix}{API_KEYS}: a key has the same value as apiKey; give each key its own"])
     for warning in stack_warnings(config):
         pulumi.log.warn(f"{PROJECT}:{warning}")
     stack = pulumi.Config(PROJECT)

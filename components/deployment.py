@@ -54,7 +54,7 @@ class Deployment(pulumi.ComponentResource):
         ]
         gateway = Gateway(f"{name}-gateway", GatewayArgs(
             plan, head, image.image_ids[head.label], [route for server in servers for route in server.routed],
-            head.internal_key, secrets.api_key,
+            head.internal_key, secrets.api_key, secrets.api_keys,
         ), child)
 
         self.outputs = {

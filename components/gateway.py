@@ -9,7 +9,7 @@ import pulumi
 
 from components.host import Host
 from components.plan import Plan
-from components.specs import API_KEY_ENV, INTERNAL_KEY_ENV, gateway_container_spec
+from components.specs import API_KEY_ENV, API_KEYS_ENV, INTERNAL_KEY_ENV, api_key_values, gateway_container_spec
 
 
 @dataclass
@@ -22,13 +22,15 @@ class GatewayArgs:
     routes: list[pulumi.Resource]
     internal_key: pulumi.Input[str]
     api_key: pulumi.Input[str] | None = None
+    api_keys: pulumi.Input[str] | None = None  # the apiKeys secret: its JSON list, values included
 
 
 class Gateway(pulumi.ComponentResource):
     def __init__(self, name: str, args: GatewayArgs, opts: pulumi.ResourceOptions | None = None):
         super().__init__("vllm-dcu:index:Gateway", name, None, opts)
-        keys = pulumi.Output.all(args.internal_key, args.api_key).apply(
+        keys = pulumi.Output.all(args.internal_key, args.api_key, args.api_keys).apply(
             lambda keys: [f"{INTERNAL_KEY_ENV}={keys[0]}"] + ([f"{API_KEY_ENV}={keys[1]}"] if keys[1] else [])
+            + ([f"{API_KEYS_ENV}={api_key_values(keys[2])}"] if keys[2] else [])
         )
         self.container = args.host.container(
             f"{name}-container",

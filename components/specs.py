@@ -23,6 +23,8 @@ GATEWAY_ENTRY = ("node-runtime", "gateway")
 SERVE_SPEC_ENV = "NODE_RUNTIME_SERVE_SPEC"
 GATEWAY_CONFIG_ENV = "NODE_RUNTIME_GATEWAY_CONFIG"
 API_KEY_ENV = "NODE_RUNTIME_API_KEY"
+# The named keys' values, name -> value as JSON; their models and limits are in the gateway's config.
+API_KEYS_ENV = "NODE_RUNTIME_API_KEYS"
 # The key every replica requires (vLLM reads VLLM_API_KEY) and the gateway sends: replicas off the
 # head listen on the cluster network.
 INTERNAL_KEY_ENV = "NODE_RUNTIME_INTERNAL_KEY"
@@ -243,8 +245,21 @@ def gateway_config(plan: Plan) -> dict[str, Any]:
         "routes_dir": plan.routes_dir,
         "cluster": cluster_json(plan),
         "max_batch_size": config.max_batch_size,
+        "max_n": config.max_n,
+        "max_batch_tokens": config.max_batch_tokens,
         "request_timeout_s": config.timeouts.request,
+        "max_body_bytes": config.max_request_body_mb * 2**20,
+        "max_header_bytes": config.max_header_kb * 2**10,
+        "body_read_timeout_s": config.timeouts.body_read,
+        "access_log_percent": config.access_log_percent,
+        "api_keys": [{"name": key.name, "models": key.models, "requests_per_minute": key.requests_per_minute,
+                      "tokens_per_minute": key.tokens_per_minute} for key in config.api_keys],
     }
+
+
+def api_key_values(api_keys: str) -> str:
+    """NODE_RUNTIME_API_KEYS from the apiKeys secret (its JSON list): name -> value, nothing else."""
+    return json.dumps({entry["name"]: entry["key"] for entry in json.loads(api_keys)}, separators=(",", ":"))
 
 
 def gateway_container_spec(plan: Plan) -> ContainerSpec:

@@ -180,9 +180,12 @@ def write_route(routes_dir: Path, model: str, replica: str, url: str, node: str 
     return path
 
 
-def start_gateway(config: dict, work: Path, api_key: str | None, internal_key: str | None = None) -> Process:
+def start_gateway(config: dict, work: Path, api_key: str | None, internal_key: str | None = None,
+                  api_keys: dict[str, str] | None = None) -> Process:
+    """`api_keys`: the named keys' secrets (name -> secret) of the config's `api_keys`."""
     env = {**os.environ, "NODE_RUNTIME_GATEWAY_CONFIG": json.dumps(config)}
-    for variable, key in (("NODE_RUNTIME_API_KEY", api_key), ("NODE_RUNTIME_INTERNAL_KEY", internal_key)):
+    for variable, key in (("NODE_RUNTIME_API_KEY", api_key), ("NODE_RUNTIME_INTERNAL_KEY", internal_key),
+                          ("NODE_RUNTIME_API_KEYS", json.dumps(api_keys) if api_keys else None)):
         env.pop(variable, None)
         if key:
             env[variable] = key
@@ -280,3 +283,33 @@ def gateway_with_two_workers(models: list[str], routes_dir: Path, ray_address: s
         process.stop()
         print(f"gateway log:\n{process.tail(60)}")
     assert _metrics_dirs() == dirs_before, "the workers' metrics directory outlived the gateway"
+
+
+def vllm_work(url: str) -> tuple[float, float]:
+    """(tokens generated so far, requests run to their end so far) by a vLLM server, from its own /metrics."""
+    families = metric_families(url)
+    tokens = sum(sample.value for sample in families["vllm:generation_tokens"].samples if sample.name.endswith("_total"))
+    # An aborted request may be counted here too, with finished_reason "abort", depending on when the abort lands.
+    finished = sum(sample.value for sample in families["vllm:request_success"].samples
+                   if sample.name.endswith("_total") and sample.labels.get("finished_reason") != "abort")
+    return tokens, finished
+
+
+def wait_until_vllm_idle(url: str, timeout: float = 60) -> None:
+    """No request running or waiting in a vLLM server (an earlier test's may still be finishing)."""
+    def idle() -> bool:
+        families = metric_families(url)
+        return sum(sample.value for name in ("vllm:num_requests_running", "vllm:num_requests_waiting")
+                   for sample in families[name].samples) == 0
+
+    eventually(idle, timeout=timeout, what="vLLM idle after earlier requests", interval=0.25)
+
+
+def vllm_work_settled(url: str) -> list[tuple[float, float]]:
+    """vllm_work() every 0.25 s until it has not moved for a second: the readings, the settled one last."""
+    readings = [vllm_work(url)]
+    while len(readings) < 5 or readings[-1] != readings[-5]:
+        time.sleep(0.25)
+        readings.append(vllm_work(url))
+    return readings
+

@@ -3,14 +3,16 @@
 import json
 import shlex
 import subprocess
-import time
 
 import httpx
 import openai
 import pytest
 
 from .conftest import INTERNAL_KEY, MODEL_NAME
-from .processes import gateway_with_two_workers, gateway_workers, metric_families, metric_values, paused
+from .processes import (
+    gateway_with_two_workers, gateway_workers, metric_families, metric_values, paused, vllm_work, vllm_work_settled,
+    wait_until_vllm_idle,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -121,22 +123,6 @@ def test_v1_passes_vllm_answers_through(gateway):
     assert answered.status_code == 200 and answered.headers["x-request-id"] == request_id
 
 
-def _vllm_work(model_server) -> tuple[float, float]:
-    """(tokens generated so far, requests run to their end so far) by the model server, from its own /metrics."""
-    families = metric_families(model_server.url)
-    tokens = sum(sample.value for sample in families["vllm:generation_tokens"].samples if sample.name.endswith("_total"))
-    # An aborted request may be counted here too, with finished_reason "abort", depending on when the abort lands.
-    finished = sum(sample.value for sample in families["vllm:request_success"].samples
-                   if sample.name.endswith("_total") and sample.labels.get("finished_reason") != "abort")
-    return tokens, finished
-
-
-def _vllm_idle(model_server) -> bool:
-    families = metric_families(model_server.url)
-    return sum(sample.value for name in ("vllm:num_requests_running", "vllm:num_requests_waiting")
-               for sample in families[name].samples) == 0
-
-
 def test_vllm_stops_generating_when_a_stream_client_hangs_up(gateway, model_server):
     """The gateway's part, hanging up upstream, is tested for every route in test_gateway_streaming.py.
 
@@ -149,21 +135,15 @@ def test_vllm_stops_generating_when_a_stream_client_hangs_up(gateway, model_serv
     reached it (one sequence of 480 tokens takes about a second here) — so the request asks for 8
     sequences, several seconds of work, while the hang-up takes milliseconds to arrive.
     """
-    deadline = time.monotonic() + 60
-    while not _vllm_idle(model_server):
-        assert time.monotonic() < deadline, "vLLM still busy with an earlier request after 60 s"
-        time.sleep(0.25)
-    tokens_before, finished_before = _vllm_work(model_server)
+    wait_until_vllm_idle(model_server.url)
+    tokens_before, finished_before = vllm_work(model_server.url)
     # EOS ignored, so vLLM would generate every one of these tokens for a client still there.
     sequences, max_tokens = 8, 480
     body = {"model": MODEL_NAME, "prompt": "x", "max_tokens": max_tokens, "ignore_eos": True, "temperature": 1.0,
             "seed": 0, "n": sequences, "stream": True}
     with httpx.stream("POST", gateway.url + "/v1/completions", json=body, timeout=60) as response:
         assert next(response.iter_raw())  # one chunk, then the client leaves
-    readings = [_vllm_work(model_server)]
-    while len(readings) < 5 or readings[-1] != readings[-5]:  # until a second without a new token
-        time.sleep(0.25)
-        readings.append(_vllm_work(model_server))
+    readings = vllm_work_settled(model_server.url)  # until a second without a new token
     tokens, finished = readings[-1]
     assert finished == finished_before, f"vLLM finished the request of a client that had left: {readings}"
     assert 0 < tokens - tokens_before < sequences * max_tokens
@@ -282,7 +262,7 @@ class TestRoutingGateway:
 
     def test_server_timeout_is_504(self, routing_gateway):
         for path, body in (("/generate", {"prompt": "x", "model": "hanging"}),
-                           ("/v1/chat/completions", {"messages": [], "model": "hanging"})):
+                           ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "model": "hanging"})):
             assert _error(_post(routing_gateway, path, body), 504)["code"] == "model_timeout"
 
     def test_health_names_every_unhealthy_part(self, routing_gateway):

@@ -16,6 +16,13 @@ from node_runtime.serving.gateway.generation_routes import read_body
 from .processes import ThreadServer, free_ports
 
 
+async def serve_lifespan(receive, send) -> None:
+    """An ASGI app's lifespan, with nothing to start or stop."""
+    while (await receive())["type"] != "lifespan.shutdown":
+        await send({"type": "lifespan.startup.complete"})
+    await send({"type": "lifespan.shutdown.complete"})
+
+
 def sse(payload: str) -> bytes:
     return f"data: {payload}\n\n".encode()
 
@@ -62,9 +69,7 @@ class ShapedReplica:
 
     async def __call__(self, scope, receive, send):  # ASGI
         if scope["type"] == "lifespan":
-            while (await receive())["type"] != "lifespan.shutdown":
-                await send({"type": "lifespan.startup.complete"})
-            await send({"type": "lifespan.shutdown.complete"})
+            await serve_lifespan(receive, send)
             return
         headers = dict(scope["headers"])
         self.authorizations.append(headers[b"authorization"].decode() if b"authorization" in headers else None)

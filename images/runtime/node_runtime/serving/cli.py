@@ -18,6 +18,8 @@ from node_runtime.serving.spec import ClusterSpec, ServeSpec, describe_validatio
 SERVE_SPEC_ENV = "NODE_RUNTIME_SERVE_SPEC"
 GATEWAY_CONFIG_ENV = "NODE_RUNTIME_GATEWAY_CONFIG"
 API_KEY_ENV = "NODE_RUNTIME_API_KEY"
+# The named keys' secrets, a JSON object name -> secret; their models and limits are the config's api_keys.
+API_KEYS_ENV = "NODE_RUNTIME_API_KEYS"
 INTERNAL_KEY_ENV = "NODE_RUNTIME_INTERNAL_KEY"
 
 FAILED_CHECKS = (ClusterNotReady, LaunchError, QuantizationError)
@@ -48,28 +50,37 @@ gateway_commands = typer.Typer(invoke_without_command=True)
 
 @gateway_commands.callback()
 def gateway(context: typer.Context) -> None:
-    """Run the HTTP gateway (config from NODE_RUNTIME_GATEWAY_CONFIG, API keys from NODE_RUNTIME_API_KEY and NODE_RUNTIME_INTERNAL_KEY)."""
+    """Run the HTTP gateway (config from NODE_RUNTIME_GATEWAY_CONFIG, API keys from NODE_RUNTIME_API_KEY,
+    NODE_RUNTIME_API_KEYS and NODE_RUNTIME_INTERNAL_KEY)."""
     if context.invoked_subcommand is not None:
         return
     import uvicorn
 
+    from node_runtime.serving.gateway.keys import Keys, KeysError, parse_named_keys
     from node_runtime.serving.gateway.metrics import shared_between_processes
 
     config = spec_from_env(GATEWAY_CONFIG_ENV, GatewayConfig)
+    try:  # checked here once, so that a mismatch is one line and exit 2, not a traceback per worker
+        Keys(os.environ.get(API_KEY_ENV), parse_named_keys(os.environ.get(API_KEYS_ENV)), config.api_keys)
+    except KeysError as bad:
+        raise fail(str(bad), 2) from None
     with shared_between_processes(config.workers > 1):
-        # Per-request access lines would cost more than the gateway itself; /metrics counts requests.
+        # uvicorn's own access lines are off: the gateway's (access_log.py) say more, sampled, when asked for.
         # Workers are uvicorn's: processes sharing the listening socket, each building the app from the env.
         uvicorn.run("node_runtime.serving.cli:gateway_app", factory=True, workers=config.workers,
                     host=config.host, port=config.port, access_log=False, log_level="info",
+                    http="node_runtime.serving.gateway.http_protocol:HeadLimitedProtocol",
+                    h11_max_incomplete_event_size=config.max_header_bytes,  # the head's limit, see http_protocol.py
                     proxy_headers=False)  # clients' addresses are never used: no X-Forwarded-* to parse
 
 
 def gateway_app():
     """The gateway's ASGI app, in whichever process uvicorn runs it."""
     from node_runtime.serving.gateway.app import create_app
+    from node_runtime.serving.gateway.keys import parse_named_keys
 
     return create_app(spec_from_env(GATEWAY_CONFIG_ENV, GatewayConfig), api_key=os.environ.get(API_KEY_ENV),
-                      internal_key=os.environ.get(INTERNAL_KEY_ENV))
+                      api_keys=parse_named_keys(os.environ.get(API_KEYS_ENV)), internal_key=os.environ.get(INTERNAL_KEY_ENV))
 
 
 @gateway_commands.command("drain")

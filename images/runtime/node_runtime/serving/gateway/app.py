@@ -8,33 +8,46 @@ Starlette's own outermost layers (the app-in-scope and server-error wrappers of 
 """
 
 import asyncio
+import os
 from contextlib import asynccontextmanager
+from functools import partial
 
 from fastapi import FastAPI, Request
 from starlette.responses import Response
 
 from node_runtime import __version__
-from node_runtime.serving.gateway.auth import check_api_key
+from node_runtime.serving.gateway import api_docs, status
+from node_runtime.serving.gateway.access_log import AccessLog
 from node_runtime.serving.gateway.config import GatewayConfig
-from node_runtime.serving.gateway.errors import install_error_handlers
+from node_runtime.serving.gateway.errors import install_error_handlers, quiet_stream_cuts
 from node_runtime.serving.gateway.generation_routes import GenerationRoutes
 from node_runtime.serving.gateway.health import CHECK_INTERVAL_S, ClusterMonitor, check_replicas, keep_checking
-from node_runtime.serving.gateway.metrics import RequestMetricsMiddleware, counted_worker
+from node_runtime.serving.gateway.keys import Keys
+from node_runtime.serving.gateway.metrics import MULTIPROCESS_DIR_ENV, RequestMetricsMiddleware, counted_worker
 from node_runtime.serving.gateway.replicas import Pools
 from node_runtime.serving.gateway.route_files import RouteFiles, follow
 from node_runtime.serving.gateway.routes import ROUTES, Route
+from node_runtime.serving.gateway.shared import Shared
 from node_runtime.serving.gateway.state import GatewayState
+from node_runtime.serving.gateway.scope import header, identified
 from node_runtime.serving.gateway.upstream import upstream_session
 
 
 def create_app(config: GatewayConfig, api_key: str | None = None, internal_key: str | None = None, *,
-               cluster_ttl_s: float = 10.0, check_interval_s: float = CHECK_INTERVAL_S) -> RequestMetricsMiddleware:
-    """`api_key`: what clients must send; `internal_key`: what the gateway sends the replicas."""
+               api_keys: dict[str, str] | None = None, cluster_ttl_s: float = 10.0,
+               check_interval_s: float = CHECK_INTERVAL_S) -> RequestMetricsMiddleware:
+    """`api_key`: the single key clients may send, `api_keys`: the named keys (name -> secret) of the
+    config's `api_keys`; `internal_key`: what the gateway sends the replicas."""
     state = GatewayState(
-        config=config, api_key=api_key or None, pools=Pools(config.models),
-        route_files=RouteFiles(config.routes_dir, config.models),
+        config=config, keys=Keys(api_key or None, api_keys or {}, config.api_keys, os.environ.get(MULTIPROCESS_DIR_ENV)),
+        pools=Pools(config.models), route_files=RouteFiles(config.routes_dir, config.models),
         cluster=ClusterMonitor(config.cluster, ttl_s=cluster_ttl_s), endpoints=tuple(route.path for route in ROUTES),
     )
+    state.health = Shared(partial(status.health_report, state))
+    state.replica_metrics = Shared(partial(status.replica_metrics, state))
+    state.api_document = api_docs.document(ROUTES, config)
+    state.api_page = api_docs.page(state.api_document)
+    quiet_stream_cuts()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -53,8 +66,8 @@ def create_app(config: GatewayConfig, api_key: str | None = None, internal_key: 
                         task.cancel()
                     await asyncio.gather(*background, return_exceptions=True)
 
-    # No /docs, /redoc or /openapi.json: the API is OpenAI's plus docs/runtime-contract.md, and
-    # every request would first be matched against those routes.
+    # FastAPI's own /docs, /redoc and /openapi.json are off: they would describe only the GET routes;
+    # the table's /openapi.json and /docs (api_docs.py) describe every route.
     app = FastAPI(title="node-runtime gateway", version=__version__, lifespan=lifespan,
                   docs_url=None, redoc_url=None, openapi_url=None)
     for route in ROUTES:
@@ -62,14 +75,15 @@ def create_app(config: GatewayConfig, api_key: str | None = None, internal_key: 
             app.add_api_route(route.path, _endpoint(route, state), methods=["GET"])
     install_error_handlers(app)
     generation_routes = GenerationRoutes(app, state, [route for route in ROUTES if route.method == "POST"])
-    return RequestMetricsMiddleware(generation_routes, measured={route.path for route in ROUTES if route.measured})
+    return RequestMetricsMiddleware(generation_routes, measured={route.path for route in ROUTES if route.measured},
+                                    access_log=AccessLog(config.access_log_percent) if config.access_log_percent else None)
 
 
 def _endpoint(route: Route, state: GatewayState):
     """A FastAPI endpoint calling the table's handler as the fast path does: (state, scope, body)."""
     async def endpoint(request: Request) -> Response:
         if route.auth:
-            check_api_key(request.headers.get("authorization"), state.api_key)
-        return await route.handler(state, request.scope, b"")
+            state.keys.admit(header(request.scope, b"authorization"), request.scope)
+        return identified(await route.handler(state, request.scope, b""), request.scope)
 
     return endpoint

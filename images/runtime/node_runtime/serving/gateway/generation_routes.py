@@ -11,20 +11,65 @@ from collections.abc import Awaitable
 
 from starlette.responses import Response
 
-from node_runtime.serving.gateway.auth import check_api_key
 from node_runtime.serving.gateway.errors import GatewayError, unexpected_error_response
 from node_runtime.serving.gateway.routes import Route
 from node_runtime.serving.gateway.state import GatewayState
-from node_runtime.serving.gateway.upstream import header
+from node_runtime.serving.gateway.scope import header, identified
+
+# Said with an answer sent before the whole body was read: the rest of it is not read, the connection goes.
+CLOSE = {"Connection": "close"}
 
 
-async def read_body(receive) -> bytes:
-    chunks = []
-    while True:
-        message = await receive()
-        chunks.append(message.get("body", b""))
-        if not message.get("more_body"):
-            return b"".join(chunks)
+class ClientLeft(Exception):
+    """The client hung up before its body was in: nobody to answer."""
+
+
+async def read_body(receive, max_bytes: int | None = None, timeout_s: float | None = None) -> bytes:
+    """The request's body: 413 past `max_bytes`, 408 when it is not all in within `timeout_s`.
+
+    A body small enough to come with the request's head is one message: that path costs nothing
+    more. A longer one is timed (a timer that cancels this task, not a wait_for per message)."""
+    message = await receive()
+    if not message.get("more_body"):
+        body = message.get("body", b"")
+        if max_bytes is not None and len(body) > max_bytes:
+            raise _too_large(max_bytes)
+        return body
+    task, timed_out = asyncio.current_task(), False
+
+    def time_out():
+        nonlocal timed_out
+        timed_out = True
+        task.cancel()
+
+    timer = asyncio.get_running_loop().call_later(timeout_s, time_out) if timeout_s else None
+    chunks, size = [], 0
+    try:
+        while True:
+            if message["type"] == "http.disconnect":
+                raise ClientLeft()
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if max_bytes is not None and size > max_bytes:
+                raise _too_large(max_bytes)
+            if not message.get("more_body"):
+                return b"".join(chunks)
+            message = await receive()
+    except asyncio.CancelledError:
+        if not timed_out:
+            raise
+        if hasattr(task, "uncancel"):  # see unless_client_leaves
+            task.uncancel()
+        raise GatewayError(408, f"the request body was not all sent within {timeout_s:g} s", code="body_timeout",
+                           headers=CLOSE) from None
+    finally:
+        if timer is not None:
+            timer.cancel()
+
+
+def _too_large(max_bytes: int) -> GatewayError:
+    return GatewayError(413, f"the request body is larger than the gateway's limit of {max_bytes} bytes",
+                        code="body_too_large", headers=CLOSE)
 
 
 async def unless_client_leaves(receive, work: Awaitable[Response]) -> Response | None:
@@ -73,7 +118,9 @@ class GenerationRoutes:
         try:
             response = await self._answer(route, scope, receive)
         except GatewayError as error:
-            response = error.response()
+            response = identified(error.response(), scope)
+        except ClientLeft:
+            return
         except Exception:  # noqa: BLE001 — a bug is a 500 for the client, its traceback goes to the log
             response = unexpected_error_response(scope["method"], scope["path"])
         if response is not None:
@@ -83,6 +130,7 @@ class GenerationRoutes:
         if scope["method"] != "POST":
             raise GatewayError(405, f"{scope['path']} takes POST", code="method_not_allowed", headers={"Allow": "POST"})
         if route.auth:
-            check_api_key(header(scope, b"authorization"), self.state.api_key)
-        body = await read_body(receive)
+            self.state.keys.admit(header(scope, b"authorization"), scope)
+        config = self.state.config
+        body = await read_body(receive, config.max_body_bytes, config.body_read_timeout_s)
         return await unless_client_leaves(receive, route.handler(self.state, scope, body))

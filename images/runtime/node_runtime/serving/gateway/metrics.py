@@ -32,13 +32,25 @@ REPLICA_IN_FLIGHT = Gauge("gateway_replica_in_flight", "Calls a replica is answe
                           ["model", "replica"], multiprocess_mode="livesum")
 REPLICA_ROUTED = Gauge("gateway_replica_routed", "Gateway workers that may send the replica new requests (its route file is there)",
                        ["model", "replica"], multiprocess_mode="livesum")
+# Per API key, by its name (never the secret): the config's names plus "default" and "none" (no key).
+KEY_REQUESTS = Counter("gateway_key_requests", "Requests to the API endpoints by key name (none: without a key), "
+                       "model and HTTP status", ["key", "model", "status"])
+KEY_TOKENS = Counter("gateway_key_tokens", "Tokens of answered requests by key name and model; kind: prompt or completion",
+                     ["key", "model", "kind"])
 REPLICA_HEALTHY = Gauge("gateway_replica_healthy", "1 while the replica passes every worker's health probe",
                         ["model", "replica"], multiprocess_mode="livemin")
 
 
 @functools.cache  # the labels are bounded, and .labels() is a locked lookup on every call
-def _series(endpoint: str, model: str, status: int):
-    return LATENCY.labels(endpoint, model), REQUESTS.labels(endpoint, model, str(status))
+def _series(endpoint: str, model: str, status: int, key: str | None):
+    """A request's series; `key`: the name of its API key, None on an endpoint that takes no key."""
+    return (LATENCY.labels(endpoint, model), REQUESTS.labels(endpoint, model, str(status)),
+            None if key is None else KEY_REQUESTS.labels(key, model, str(status)))
+
+
+@functools.cache
+def _key_tokens(key: str, model: str):
+    return KEY_TOKENS.labels(key, model, "prompt"), KEY_TOKENS.labels(key, model, "completion")
 
 
 class RequestMetricsMiddleware:
@@ -47,12 +59,16 @@ class RequestMetricsMiddleware:
     Only the `measured` paths are counted (routes.py leaves out /health and /metrics); handlers name
     the model they routed to in the scope's state.
     A request answered by nobody is counted with status 499 (nginx's "client closed request"): the
-    gateway answers every error, so only a client that hung up first leaves one unanswered.
+    gateway answers every error, so only a client that hung up first leaves one unanswered. A stream
+    says how it really ended in the scope's state: 499 (its client left), 502 (its replica's answer was cut).
+    Requests to the endpoints that take a key are counted per key too; `access_log` (access_log.py)
+    writes a line for each request it samples.
     """
 
-    def __init__(self, app, measured: set[str]):
+    def __init__(self, app, measured: set[str], access_log=None):
         self.app = app
         self.in_flight = {endpoint: IN_FLIGHT.labels(endpoint) for endpoint in measured}
+        self.access_log = access_log
 
     async def __call__(self, scope, receive, send):
         in_flight = self.in_flight.get(scope["path"]) if scope["type"] == "http" else None
@@ -77,9 +93,20 @@ class RequestMetricsMiddleware:
             raise
         finally:
             in_flight.dec()
-            latency, requests = _series(endpoint, scope.get("state", {}).get("model", NO_MODEL), status or 499)
-            latency.observe(time.perf_counter() - started)
+            state = scope.get("state", {})
+            status, model, seconds = state.get("status", status or 499), state.get("model", NO_MODEL), time.perf_counter() - started
+            key = state.get("key")  # keys.py notes it on the endpoints that take one
+            latency, requests, key_requests = _series(endpoint, model, status, key and key.name)
+            latency.observe(seconds)
             requests.inc()
+            if key_requests is not None:
+                key_requests.inc()
+                if (usage := state.get("usage")) is not None:
+                    prompt, completion = _key_tokens(key.name, model)
+                    prompt.inc(usage[0])
+                    completion.inc(usage[1])
+            if self.access_log is not None:
+                self.access_log.note(scope, endpoint, model, status, seconds)
 
 
 class _Families:

@@ -14,14 +14,19 @@ bench/gateway/RESULTS.md has the figures and the command.
 """
 
 import asyncio
-import random
+import json
+import logging
+from collections.abc import Callable
 
 import aiohttp
 from fastapi.responses import Response, StreamingResponse
 
-from node_runtime.serving.gateway.errors import GatewayError
+from node_runtime.serving.gateway.errors import GatewayError, StreamCut
 from node_runtime.serving.gateway.replicas import Pools, Replica
+from node_runtime.serving.gateway.scope import header, request_id
 from node_runtime.serving.gateway.state import GatewayState
+
+log = logging.getLogger("node_runtime.gateway")
 
 # Hop-by-hop headers belong to one connection; date and server are the gateway's own (uvicorn's).
 NOT_RELAYED = frozenset({
@@ -53,23 +58,32 @@ def upstream_session(request_timeout_s: float, internal_key: str | None) -> aioh
     )
 
 
-def served_model(models: list[str], model: str | None) -> str:
-    """The served name a request's `model` asks for; it may be left out only when one model is served."""
+# Longer names are cut in error messages: a client's 1 MB `model` is not echoed back.
+SHOWN_NAME = 80
+
+
+def served_model(models: list[str] | tuple[str, ...], model: str | None) -> str:
+    """The served name a request's `model` asks for, among `models` (those its key may use, as OpenAI
+    answers a model the key has no access to: 404); it may be left out when there is one."""
     if model is None:
         if len(models) == 1:
             return models[0]
         raise GatewayError(422, f"model is required when several models are served: {', '.join(models)}",
                            param="model", code="model_required")
     if model not in models:
-        raise GatewayError(404, f"model '{model}' is not served here; served models: {', '.join(models)}",
+        shown = model if len(model) <= SHOWN_NAME else f"{model[:SHOWN_NAME]}... ({len(model)} characters)"
+        raise GatewayError(404, f"model '{shown}' is not served here; served models: {', '.join(models)}",
                            param="model", code="model_not_found")
     return model
 
 
 def route(state: GatewayState, scope: dict, model: str | None) -> str:
-    """served_model, noting the model in the scope: RequestMetricsMiddleware labels the request by it."""
-    name = served_model(state.config.models, model)
-    scope.setdefault("state", {})["model"] = name
+    """served_model among the models the request's key may use, noting it in the scope:
+    RequestMetricsMiddleware labels the request by it."""
+    request_state = scope.setdefault("state", {})
+    key = request_state.get("key")
+    name = served_model(state.config.models if key is None or key.models is None else key.models, model)
+    request_state["model"] = name
     return name
 
 
@@ -97,22 +111,6 @@ def call_failed(replica: Replica, error: Exception, *, answer_started: bool) -> 
 FAILED = (asyncio.TimeoutError, aiohttp.ClientError)
 
 
-def header(scope: dict, name: bytes) -> str | None:
-    """A request header straight from the ASGI scope (whose names arrive lower-cased)."""
-    for key, value in scope["headers"]:
-        if key == name:
-            return value.decode("latin-1")
-    return None
-
-
-def request_id(scope: dict) -> str:
-    """The client's X-Request-Id, else a new one: random enough to be unique, not a secret (no urandom call)."""
-    rid = scope.get("request_id")
-    if rid is None:
-        rid = scope["request_id"] = header(scope, b"x-request-id") or f"{random.getrandbits(128):032x}"
-    return rid
-
-
 async def _send(state: GatewayState, scope: dict, model: str, path: str,
                 body: bytes) -> tuple[Replica, aiohttp.ClientResponse, float]:
     """POST to the least busy healthy replica, once more to another if it never answered: the answer's
@@ -122,6 +120,7 @@ async def _send(state: GatewayState, scope: dict, model: str, path: str,
     failed = None
     while True:
         replica = state.pools.pick(model, avoid=failed)
+        scope["state"]["replica"] = replica.id  # for the access log
         started = replica.begin()
         try:
             response = await state.client.post(replica.url + path, data=body, headers=headers)
@@ -160,27 +159,86 @@ async def post_upstream(state: GatewayState, scope: dict, model: str, path: str,
     return response.status, await _whole_answer(replica, response, started)
 
 
+def usage_of(completion) -> tuple[int, int] | None:
+    """(prompt, completion) tokens of an OpenAI answer or stream event (parsed JSON), if it says."""
+    usage = completion.get("usage") if isinstance(completion, dict) else None
+    if isinstance(usage, dict):
+        prompt, generated = usage.get("prompt_tokens"), usage.get("completion_tokens")
+        if isinstance(prompt, int) and isinstance(generated, int):
+            return prompt, generated
+    return None
+
+
 class RelayedStream(StreamingResponse):
     """A replica's stream, chunk by chunk as it comes; its connection is freed (or dropped, if unread)
     and its replica's call ended however the stream ends: finished, cut, or its client gone.
 
     A failure mid-stream cannot become an error answer any more (the status line is sent): it is
-    counted and the client's connection is dropped, so a cut stream never looks complete.
+    counted (status 502), logged in one line, and the client's connection is dropped, so a cut stream
+    never looks complete. A client that hangs up mid-stream is counted as 499.
+
+    With keys, the gateway asks every stream for its usage (stream_options.include_usage) and takes the
+    tokens from the event that carries it; unless the client asked for it too (`relay_usage`), that
+    event (the one with no choices) is not relayed, so the client gets the stream it asked for.
     """
 
-    def __init__(self, replica: Replica, response: aiohttp.ClientResponse, headers: dict[str, str], started: float):
-        self.replica, self.upstream, self.started = replica, response, started
+    def __init__(self, keys, replica: Replica, response: aiohttp.ClientResponse, headers: dict[str, str],
+                 started: float, relay_usage: bool):
+        self.keys, self.replica, self.upstream, self.started = keys, replica, response, started
+        self.relay_usage = relay_usage
+        self.usage: tuple[int, int] | None = None
+        self.finished = False
+        self.state: dict = {}
+        self._held = b""  # a chunk naming usage that ended mid-event, until the event's end comes
         super().__init__(self._chunks(), status_code=response.status, headers=headers)
 
     async def _chunks(self):
         try:
             async for chunk in self.upstream.content.iter_any():
-                yield chunk
-        except (aiohttp.ClientError, asyncio.TimeoutError):
+                if self._held or b'"usage"' in chunk:  # only the usage event has the key as such
+                    chunk = self._with_usage_noted(chunk)
+                if chunk:
+                    yield chunk
+        except (aiohttp.ClientError, asyncio.TimeoutError) as broken:
             self.replica.failed("stream_broken")
-            raise
+            self.state["status"] = 502
+            log.warning("the stream from replica %s of '%s' was cut mid-answer (%s): the client's connection is dropped",
+                        self.replica.id, self.replica.model, type(broken).__name__)
+            raise StreamCut() from None
+        if self._held:
+            yield self._held
+        self.finished = True
+        if self.usage is not None:
+            self.keys.charge(self.scope, *self.usage)
+
+    def _with_usage_noted(self, chunk: bytes) -> bytes:
+        """What to relay of `chunk`: whole SSE events (a part of one held until its end comes), the
+        usage noted, its event dropped unless relayed."""
+        data = self._held + chunk
+        if not data.endswith(b"\n\n"):
+            self._held = data
+            return b""
+        self._held = b""
+        kept = []
+        for event in data.split(b"\n\n")[:-1]:
+            if b'"usage"' in event and event.startswith(b"data: "):
+                try:
+                    payload = json.loads(event[6:])
+                except ValueError:
+                    payload = None
+                self.usage = usage_of(payload) or self.usage
+                if not self.relay_usage and isinstance(payload, dict) and payload.get("choices") == []:
+                    continue
+            kept.append(event + b"\n\n")
+        return b"".join(kept)
+
+    async def listen_for_disconnect(self, receive) -> None:
+        await super().listen_for_disconnect(receive)
+        if not self.finished:  # the client left, not the stream ended
+            self.state["status"] = 499
 
     async def __call__(self, scope, receive, send):
+        self.scope, self.state = scope, scope.setdefault("state", {})
         try:
             await super().__call__(scope, receive, send)
         finally:
@@ -188,14 +246,26 @@ class RelayedStream(StreamingResponse):
             self.replica.end(self.started)
 
 
-async def pass_through(state: GatewayState, scope: dict, model: str, path: str, body: bytes, *, stream: bool) -> Response:
-    """Forward the client's bytes unchanged; a stream (SSE) goes back chunk by chunk as it comes.
+async def pass_through(state: GatewayState, scope: dict, model: str, path: str, body: bytes, *, stream: bool,
+                       refused: Callable[[int, bytes], GatewayError] | None = None, relay_usage: bool = True) -> Response:
+    """Forward the client's bytes; a stream (SSE) goes back chunk by chunk as it comes.
 
-    A non-streaming answer is relayed in one piece: same bytes, fewer writes than a stream.
+    A non-streaming answer is relayed in one piece: same bytes, fewer writes than a stream. An answer
+    other than 200 becomes `refused(status, its body)` when given. `relay_usage`: see RelayedStream.
     """
     replica, response, started = await _send(state, scope, model, path, body)
+    if response.status != 200 and refused is not None:
+        raise refused(response.status, await _whole_answer(replica, response, started))
     headers = {name: value for name, value in response.headers.items() if name.lower() not in NOT_RELAYED}
     headers["x-request-id"] = request_id(scope)
     if stream:
-        return RelayedStream(replica, response, headers, started)
-    return Response(await _whole_answer(replica, response, started), status_code=response.status, headers=headers)
+        return RelayedStream(state.keys, replica, response, headers, started, relay_usage)
+    content = await _whole_answer(replica, response, started)
+    if response.status == 200 and state.keys.required:  # see Keys.charge
+        try:
+            usage = usage_of(json.loads(content))
+        except ValueError:
+            usage = None
+        if usage is not None:
+            state.keys.charge(scope, *usage)
+    return Response(content, status_code=response.status, headers=headers)
