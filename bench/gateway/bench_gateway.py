@@ -253,11 +253,12 @@ def start_fixed_upstream(work: Path, delay_ms: float = 0) -> tuple[Process, str]
 
 
 def gateway_in_front(upstream_url: str, ray_address: str, work: Path, max_batch: int, workers: int = 1,
-                     *, route_files: bool = True) -> tuple[Process, str]:
+                     *, route_files: bool = True, extra: dict | None = None) -> tuple[Process, str]:
     """`node-runtime gateway` exactly as the container runs it (its CLI and its config), the upstream its
-    model's one replica. `route_files=False`: the config of gateways before route files (for compare_versions.py)."""
+    model's one replica. `route_files=False`: the config of gateways before route files (for compare_versions.py);
+    `extra`: more config keys."""
     port = free_ports(1)[0]
-    options = {"max_batch_size": max_batch, "request_timeout_s": 300, "workers": workers}
+    options = {"max_batch_size": max_batch, "request_timeout_s": 300, "workers": workers, **(extra or {})}
     if route_files:
         routes = work / f"routes-{port}"
         routes.mkdir()

@@ -5,7 +5,11 @@ at a time to direct, old and new in rotation, so drift on a shared machine hits 
 Prints, per endpoint, the p50/p99 each gateway adds to the direct call and its CPU time per request.
 The old version runs from a `git archive` of the ref put first on PYTHONPATH.
 
+A --variant adds the working tree again with more config keys (e.g. the access log on), measured in
+the same rotation.
+
 Run: .venv/bin/python bench/gateway/compare_versions.py [--old HEAD] [--requests 1500]
+         [--variant 'access log={"access_log_percent": 100}']
 """
 
 import argparse
@@ -65,7 +69,10 @@ def main() -> None:
     parser.add_argument("--old", default="HEAD", help="git ref of the old version")
     parser.add_argument("--requests", type=int, default=1500, help="requests per path and endpoint")
     parser.add_argument("--warmup", type=int, default=100)
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=JSON",
+                        help="also the working tree with these config keys")
     args = parser.parse_args()
+    variants = [(name, json.loads(keys)) for name, _, keys in (variant.partition("=") for variant in args.variant)]
 
     work = Path(tempfile.mkdtemp(prefix="nrc-"))
     started = []
@@ -73,13 +80,14 @@ def main() -> None:
         fixed, fixed_url = start_fixed_upstream(work)
         started.append(fixed)
         gateways = {}
-        for name, package in ((f"old ({args.old})", archive(args.old, work / "old")), ("new (working tree)", None)):
+        versions = [(f"old ({args.old})", archive(args.old, work / "old"), {}), ("new (working tree)", None, {})]
+        for name, package, extra in versions + [(name, None, keys) for name, keys in variants]:
             os.environ.pop("PYTHONPATH", None)
             if package:
                 os.environ["PYTHONPATH"] = str(package)
             # Ray is never asked here; a version before route files takes its replica in the config.
             route_files = package is None or (package / "node_runtime/serving/gateway/route_files.py").exists()
-            gateway, url = gateway_in_front(fixed_url, "127.0.0.1:1", work, 64, route_files=route_files)
+            gateway, url = gateway_in_front(fixed_url, "127.0.0.1:1", work, 64, route_files=route_files, extra=extra)
             started.append(gateway)
             gateways[name] = (url, gateway.proc.pid)
         os.environ.pop("PYTHONPATH", None)

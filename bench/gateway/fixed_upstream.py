@@ -39,12 +39,16 @@ def completion(body: dict, chat: bool) -> dict:
             "usage": {"prompt_tokens": 5, "completion_tokens": tokens * n, "total_tokens": 5 + tokens * n}}
 
 
-def sse_events(answer: dict, chat: bool) -> list[bytes]:
+def sse_events(answer: dict, chat: bool, usage: bool) -> list[bytes]:
+    """vLLM's stream: the usage only in a last event without choices, when stream_options.include_usage asks."""
     events = []
+    head = {key: value for key, value in answer.items() if key != "usage"}
     for choice in answer["choices"]:
         delta = {"index": choice["index"], "finish_reason": choice["finish_reason"]}
         delta.update({"delta": choice["message"]} if chat else {"text": choice["text"]})
-        events.append(b"data: " + json.dumps({**answer, "choices": [delta]}).encode() + b"\n\n")
+        events.append(b"data: " + json.dumps({**head, "choices": [delta]}).encode() + b"\n\n")
+    if usage:
+        events.append(b"data: " + json.dumps({**head, "choices": [], "usage": answer["usage"]}).encode() + b"\n\n")
     return events + [b"data: [DONE]\n\n"]
 
 
@@ -61,7 +65,7 @@ async def app(scope, receive, send):
         if body.get("stream"):
             await send({"type": "http.response.start", "status": 200,
                         "headers": [(b"content-type", b"text/event-stream; charset=utf-8")]})
-            for event in sse_events(answer, chat):
+            for event in sse_events(answer, chat, (body.get("stream_options") or {}).get("include_usage") is True):
                 await send({"type": "http.response.body", "body": event, "more_body": True})
             await send({"type": "http.response.body", "body": b""})
             return
