@@ -211,6 +211,12 @@ def run_program(
     replaces __main__.py: a function that declares resources and returns the stack outputs.
     """
     monitor = RecordingMonitor(mocks or ProgramMocks())
+    # The SDK's futures need the thread's current loop, which an earlier asyncio.run() in this process
+    # (the runtime's tests) leaves unset.
+    try:
+        asyncio.get_event_loop_policy().get_event_loop()
+    except RuntimeError:
+        asyncio.set_event_loop(asyncio.new_event_loop())
     # Fresh settings (set_mocks keeps the last run's outputs, a failed run's failures among them).
     reset_options()
     pulumi.runtime.set_mocks(monitor.mocks, project=PROJECT, stack=stack, preview=False, monitor=monitor)
