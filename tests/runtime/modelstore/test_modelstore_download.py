@@ -47,7 +47,9 @@ def hub():
 def run_cli(*args: str, env: dict | None = None, user: str | None = None) -> subprocess.CompletedProcess:
     argv = [sys.executable, "-m", "node_runtime.modelstore.cli", *args]
     if user:
-        argv = ["setpriv", f"--reuid={user}", "--regid=65534", "--clear-groups", *argv]
+        # The user may read what the interpreter needs wherever it lives (pyenv's: under /root), never write there.
+        argv = ["setpriv", f"--reuid={user}", "--regid=65534", "--clear-groups", "--inh-caps=+dac_read_search",
+                "--ambient-caps=+dac_read_search", *argv]
     return subprocess.run(argv, capture_output=True, text=True, timeout=120, env=env)
 
 

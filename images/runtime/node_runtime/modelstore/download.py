@@ -21,6 +21,7 @@ variable read when the download starts (HF_ENDPOINT, MODELSCOPE_ENDPOINT), else 
 from __future__ import annotations
 
 import fnmatch
+import importlib
 import os
 import re
 import shutil
@@ -238,39 +239,49 @@ def hf_endpoint(request: DownloadRequest) -> str:
 def _fetch_huggingface(request: DownloadRequest, staging: Path) -> str:
     """Download with huggingface_hub into `staging`; returns the commit the revision resolved to.
 
-    huggingface_hub resolves the revision and plans the files (its own allow/ignore rules); each
-    file then comes through its `http_get`, which retries a broken connection from the last byte
-    it wrote (it writes 10 MiB at a time). The bytes go to `.partial/{path}.part`, which a later run continues, and the file
-    is moved to its place once whole. The token comes only from the environment (`HF_TOKEN`,
-    read by huggingface_hub itself).
+    Works with huggingface_hub 0.30 (on requests: what transformers 4.x, in the vendor images, pins
+    below 1.0) up to 2.x (on httpx2). The revision is resolved and the files listed and chosen as
+    snapshot_download does (its tree listing, its allow/ignore rules); each file then comes through
+    its `http_get`, into `.partial/{path}.part`, which a later run continues, and is moved to its
+    place once whole. A connection broken mid-file is resumed from the bytes kept (`http_get` writes
+    10 MiB at a time): by `http_get` itself in 2.x, here for what it gives up on (0.x: any break
+    mid-body). The token comes only from the environment (`HF_TOKEN`, read by huggingface_hub itself).
     """
-    from huggingface_hub import HfApi, hf_hub_url, snapshot_download
-    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub import HfApi, hf_hub_url
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
     from huggingface_hub.file_download import http_get
-    from huggingface_hub.utils import build_hf_headers
-    from httpx2 import TransportError
+    from huggingface_hub.hf_api import RepoFile
+    from huggingface_hub.utils import build_hf_headers, filter_repo_objects
 
     endpoint = hf_endpoint(request)
     revision = request.revision or "main"
-    patterns = {"allow_patterns": request.allow or None, "ignore_patterns": request.ignore or None}
+    api = HfApi(endpoint=endpoint)
+    broken = hf_connection_errors()
     try:
-        commit = HfApi(endpoint=endpoint).repo_info(request.repo_id, revision=revision).sha
+        commit = api.repo_info(request.repo_id, revision=revision).sha
         claim_staging(staging, Origin.of(request, commit))
-        # Planned as into an empty cache: with `local_dir` the plan would hash every finished file again.
-        planned = snapshot_download(request.repo_id, revision=commit, cache_dir=staging / ".cache" / "huggingface",
-                                    endpoint=endpoint, dry_run=True, **patterns)
+        listed = [f for f in api.list_repo_tree(request.repo_id, revision=commit, recursive=True) if isinstance(f, RepoFile)]
+        planned = list(filter_repo_objects(listed, allow_patterns=request.allow or None,
+                                           ignore_patterns=request.ignore or None, key=lambda f: f.path))
         if not planned:
             raise ModelStoreError(f"no files of {request.repo_id}@{revision} match --allow/--ignore; check the patterns")
-        wanted = [(f.filename, f.file_size) for f in planned if not _is_whole(staging / f.filename, f.file_size)]
+        wanted = [(f.path, f.size) for f in planned if not _is_whole(staging / f.path, f.size)]
         check_free_disk(staging.parent, sum((size or 0) - _partial_bytes(staging, path) for path, size in wanted))
         headers = build_hf_headers()
 
         def fetch(path: str, size: int | None) -> None:
             partial = staging / PARTIAL_DIR / f"{path}.part"
             partial.parent.mkdir(parents=True, exist_ok=True)
+            url = hf_hub_url(request.repo_id, path, revision=commit, endpoint=endpoint)
             with partial.open("ab") as out:
-                http_get(hf_hub_url(request.repo_id, path, revision=commit, endpoint=endpoint), out,
-                         resume_size=out.tell(), headers=headers, expected_size=size, displayed_filename=path)
+                while True:
+                    held = out.tell()
+                    try:
+                        http_get(url, out, resume_size=held, headers=headers, expected_size=size, displayed_filename=path)
+                        break
+                    except broken:
+                        if out.tell() == held:  # this try brought nothing: the hub is out of reach
+                            raise
             (staging / path).parent.mkdir(parents=True, exist_ok=True)
             os.replace(partial, staging / path)
 
@@ -286,13 +297,24 @@ def _fetch_huggingface(request: DownloadRequest, staging: Path) -> str:
         raise ModelStoreError(
             f"repository {request.repo_id} not found on {endpoint}; check --repo-id, and if it is private set HF_TOKEN in the environment"
         ) from None
-    except (LocalEntryNotFoundError, TransportError) as exc:
+    except broken as exc:
         raise ModelStoreError(f"cannot download from {endpoint} ({type(exc).__name__}); check the network, or set --hf-endpoint to a reachable mirror") from None
     except HfHubHTTPError as exc:
         raise ModelStoreError(f"download of {request.repo_id} from {endpoint} failed: {str(exc).splitlines()[0]}") from None
     except PermissionError as exc:
         raise ModelStoreError(f"permission denied writing {exc.filename}") from None
     return commit
+
+
+def hf_connection_errors() -> tuple[type[Exception], ...]:
+    """What huggingface_hub's HTTP client raises for a connection refused, timed out or broken mid-body:
+    requests' (huggingface_hub before 1.0), httpx's (1.x) or httpx2's (2.x), whichever it is built on."""
+    from huggingface_hub.utils import get_session
+
+    client = importlib.import_module(type(get_session()).__module__.partition(".")[0])
+    if client.__name__ == "requests":
+        return client.ConnectionError, client.exceptions.ChunkedEncodingError, client.Timeout
+    return (client.TransportError,)
 
 
 def _is_whole(path: Path, size: int | None) -> bool:

@@ -24,6 +24,7 @@ Two checks besides sizes:
 from __future__ import annotations
 
 import datetime as dt
+import mmap
 import os
 import tempfile
 from pathlib import Path
@@ -74,6 +75,8 @@ class Manifest(BaseModel):
 
 
 class VerifyReport(BaseModel):
+    # pydantic before 2.10 (vLLM 0.8.5 takes 2.9) warns on every run of a field named model_*.
+    model_config = ConfigDict(protected_namespaces=())
     model_dir: str
     hash_mode: str
     files_checked: int = 0
@@ -110,9 +113,12 @@ def model_files(model_dir: Path) -> list[Path]:
 
 
 def full_hash(path: Path) -> str:
-    hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
+    # blake3 0.3+ takes its threads when made; 0.2 (vLLM 0.8.5 accepts any blake3) per update.
+    auto = getattr(blake3.blake3, "AUTO", None)
+    hasher = blake3.blake3() if auto is None else blake3.blake3(max_threads=auto)
     if path.stat().st_size:
-        hasher.update_mmap(str(path))
+        with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            hasher.update(mapped, **({"multithreading": True} if auto is None else {}))
     return hasher.hexdigest()
 
 
