@@ -85,16 +85,21 @@ def _health_sequence(gateway: str, until, *, timeout: float) -> list[tuple[int, 
     raise AssertionError(f"/health never satisfied the condition in {timeout}s; last answers: {seen[-3:]}")
 
 
-def _replica_calls(gateway: str) -> dict[str, float]:
-    """Requests the gateway sent each replica of the model, from its /metrics."""
+def _replica_calls(gateway: str, metric: str = "gateway_upstream_requests", sample_suffix: str = "_total") -> dict[str, float]:
+    """Per replica of the model, from the gateway's /metrics: the calls it was sent, or with
+    `gateway_upstream_duration_seconds` and `_sum` the seconds it spent answering them."""
     calls: dict[str, float] = {}
     for family in metric_families(gateway).values():
-        if family.name == "gateway_upstream_requests":
+        if family.name == metric:
             for sample in family.samples:
-                if sample.name.endswith("_total") and sample.labels.get("model") == MODEL_NAME:
+                if sample.name.endswith(sample_suffix) and sample.labels.get("model") == MODEL_NAME:
                     replica = sample.labels["replica"]
                     calls[replica] = calls.get(replica, 0) + sample.value
     return calls
+
+
+def _replica_busy_seconds(gateway: str) -> dict[str, float]:
+    return _replica_calls(gateway, "gateway_upstream_duration_seconds", "_sum")
 
 
 def _server_containers(e2e) -> dict[str, str]:
@@ -190,17 +195,25 @@ def test_no_change_reapply_touches_nothing(e2e, deployed):
 
 
 def test_requests_spread_over_the_replicas(e2e, deployed):
-    before = _replica_calls(e2e.gateway)
+    """Least outstanding keeps every replica equally busy, whatever its speed: here the three engines
+    share two cores, so one may answer twice as fast as another and rightly get twice the requests, but
+    each must hold about a third of the calls in flight (Little's law: calls x time per call)."""
+    def delta(now: dict[str, float], then: dict[str, float]) -> dict[str, float]:
+        return {replica: value - then.get(replica, 0) for replica, value in now.items()}
+
+    calls_before, busy_before = _replica_calls(e2e.gateway), _replica_busy_seconds(e2e.gateway)
     with Load(e2e.gateway, threads=6) as load:
         wait_until(lambda: load.count() >= 300, timeout=600, interval=1, what="300 requests through the gateway")
     assert load.failures() == []
-    after = _replica_calls(e2e.gateway)
-    sent = {replica: after.get(replica, 0) - before.get(replica, 0) for replica in after}
-    total = sum(sent.values())
-    assert set(sent) == {f"{MODEL_NAME}/{k}" for k in range(REPLICAS)} and total >= 300
-    shares = {replica: count / total for replica, count in sent.items()}
-    assert all(0.20 <= share <= 0.47 for share in shares.values()), shares
+    sent = delta(_replica_calls(e2e.gateway), calls_before)
+    busy = delta(_replica_busy_seconds(e2e.gateway), busy_before)
+    assert set(sent) == set(busy) == {f"{MODEL_NAME}/{k}" for k in range(REPLICAS)} and sum(sent.values()) >= 300
+    shares = {replica: count / sum(sent.values()) for replica, count in sent.items()}
+    busy_shares = {replica: seconds / sum(busy.values()) for replica, seconds in busy.items()}
+    assert all(share >= 0.10 for share in shares.values()), shares
+    assert all(0.20 <= share <= 0.47 for share in busy_shares.values()), (busy_shares, shares)
     e2e.timings["replica_shares"] = shares
+    e2e.timings["replica_busy_shares"] = busy_shares
 
 
 def test_a_replica_killed_under_load_fails_no_request(e2e, deployed):
