@@ -193,6 +193,8 @@ class ReplicaPlan:
 
 @dataclass(frozen=True)
 class ModelPlan:
+    """One model of the stack: its index in `models`, its layout per replica, and where each replica runs."""
+
     index: int
     model: Model
     layout: Layout

@@ -294,13 +294,11 @@ def _fetch_huggingface(request: DownloadRequest, staging: Path) -> str:
     except GatedRepoError:
         raise ModelStoreError(f"{request.repo_id} is gated on {endpoint}: accept its terms there and set HF_TOKEN to a token with access") from None
     except RepositoryNotFoundError:
-        raise ModelStoreError(
-            f"repository {request.repo_id} not found on {endpoint}; check --repo-id, and if it is private set HF_TOKEN in the environment"
-        ) from None
+        raise _not_found(request, endpoint, token_variable="HF_TOKEN") from None
     except broken as exc:
-        raise ModelStoreError(f"cannot download from {endpoint} ({type(exc).__name__}); check the network, or set --hf-endpoint to a reachable mirror") from None
+        raise _unreachable(endpoint, exc, endpoint_option="--hf-endpoint") from None
     except HfHubHTTPError as exc:
-        raise ModelStoreError(f"download of {request.repo_id} from {endpoint} failed: {str(exc).splitlines()[0]}") from None
+        raise ModelStoreError(f"download of {request.repo_id} from {endpoint} failed: {_first_line(exc)}") from None
     except PermissionError as exc:
         raise ModelStoreError(f"permission denied writing {exc.filename}") from None
     return commit
@@ -368,11 +366,9 @@ def _fetch_modelscope(request: DownloadRequest, staging: Path) -> str:
             endpoint=endpoint, token=api.token,
         )
     except NotExistError:
-        raise ModelStoreError(
-            f"repository {request.repo_id} not found on {endpoint}; check --repo-id, and if it is private set MODELSCOPE_API_TOKEN in the environment"
-        ) from None
+        raise _not_found(request, endpoint, token_variable="MODELSCOPE_API_TOKEN") from None
     except NetworkError as exc:
-        raise ModelStoreError(f"cannot download from {endpoint} ({type(exc).__name__}); check the network, or set --modelscope-endpoint to a reachable mirror") from None
+        raise _unreachable(endpoint, exc, endpoint_option="--modelscope-endpoint") from None
     except (HubError, RequestException) as exc:
         raise ModelStoreError(f"ModelScope download of {request.repo_id}@{revision} from {endpoint} failed: {_first_line(exc)}") from None
     except PermissionError as exc:
@@ -383,6 +379,16 @@ def _fetch_modelscope(request: DownloadRequest, staging: Path) -> str:
 def _selected(path: str, allow: list[str], ignore: list[str]) -> bool:
     """The SDK's rule for --allow/--ignore: shell globs on the path in the repository."""
     return (not allow or any(fnmatch.fnmatch(path, p) for p in allow)) and not any(fnmatch.fnmatch(path, p) for p in ignore)
+
+
+def _not_found(request: DownloadRequest, endpoint: str, *, token_variable: str) -> ModelStoreError:
+    return ModelStoreError(f"repository {request.repo_id} not found on {endpoint}; check --repo-id, and if it is private "
+                           f"set {token_variable} in the environment")
+
+
+def _unreachable(endpoint: str, error: Exception, *, endpoint_option: str) -> ModelStoreError:
+    return ModelStoreError(f"cannot download from {endpoint} ({type(error).__name__}); check the network, or set "
+                           f"{endpoint_option} to a reachable mirror")
 
 
 def _first_line(exc: Exception) -> str:
