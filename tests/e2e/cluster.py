@@ -21,6 +21,7 @@ import httpx
 from tests.e2e.apply import Applier, Site
 from tests.e2e.node_image import CACHE_DIR, ImageRecipe, build_image_tarball, pinned_base
 from tests.support.docker_hosts import DockerCluster, DockerEngine, docker_hosts, engine
+from tests.support.waiting import wait_until as _wait_until
 
 # Override when another simulated cluster holds it on this machine (CI runs nothing else).
 SUBNET = os.environ.get("E2E_SUBNET", "10.78.0.0/24")
@@ -105,15 +106,9 @@ class E2E:
         return sorted(node["node_ip"] for node in nodes if node["state"] == "ALIVE")
 
 
-def wait_until(predicate, *, timeout: float, interval: float = 2.0, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"{what}: not within {timeout:.0f}s (last: {last!r})")
+def wait_until(predicate, *, timeout: float, interval: float = 2.0, what: str, process=None) -> Any:
+    """tests.support.waiting.wait_until, polling every 2 s by default (the cluster's steps are slow)."""
+    return _wait_until(predicate, timeout=timeout, interval=interval, what=what, process=process)
 
 
 def generate(gateway: str, prompt: str, max_tokens: int) -> dict | None:

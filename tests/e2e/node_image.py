@@ -20,12 +20,12 @@ import socket
 import subprocess
 import tempfile
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Mapping
 
 from tests.support.docker_hosts import DockerEngine, EngineError
+from tests.support.waiting import ProcessDied, WaitFailed, Watched, wait_until
 
 CACHE_DIR = Path(os.environ.get("E2E_IMAGE_CACHE", "/var/cache/vllm-dcu-e2e"))
 WHEEL_DIR = Path("/opt/wheels")
@@ -224,6 +224,14 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
+def _listening(address: str) -> bool:
+    try:
+        socket.create_connection(address.split(":"), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
 @contextlib.contextmanager
 def local_registry(workdir: Path) -> Iterator[str]:
     """Debian's docker-registry on loopback, for the few seconds it takes to pin an image by
@@ -240,16 +248,11 @@ def local_registry(workdir: Path) -> Iterator[str]:
     process = subprocess.Popen(["docker-registry", "serve", str(config)], stdin=subprocess.DEVNULL,
                                stdout=log, stderr=log)
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            if process.poll() is not None:
-                raise EngineError(f"docker-registry exited: {(workdir / 'registry.log').read_text()[-500:]}")
-            with contextlib.suppress(OSError):
-                socket.create_connection(address.split(":"), timeout=1).close()
-                break
-            if time.monotonic() > deadline:
-                raise EngineError("docker-registry did not listen within 30s")
-            time.sleep(0.2)
+        try:
+            wait_until(lambda: _listening(address), timeout=30, what="docker-registry listening",
+                       process=Watched(process, "docker-registry", workdir / "registry.log"))
+        except (WaitFailed, ProcessDied) as failed:
+            raise EngineError(str(failed)) from None
         yield address
     finally:
         process.terminate()

@@ -29,12 +29,12 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
 from tests.support.netns import SimulatedCluster, SimulatedHost, simulated_hosts
+from tests.support.waiting import ProcessDied, WaitFailed, Watched, wait_until
 
 RUN_ROOT = Path("/run/vllm-dcu-e2e")
 DEFAULT_SUBNET = "10.78.0.0/24"
@@ -174,14 +174,10 @@ def _overlay_supported() -> bool:
 
 
 def _wait_for(ready, process: subprocess.Popen, what: str, log: Path, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise EngineError(f"{what} exited with {process.returncode}: {_tail(log.read_text(errors='replace'))}")
-        if ready():
-            return
-        time.sleep(0.2)
-    raise EngineError(f"{what} not ready within {timeout}s: {_tail(log.read_text(errors='replace'))}")
+    try:
+        wait_until(ready, timeout=timeout, what=f"{what} ready", process=Watched(process, what, log))
+    except (WaitFailed, ProcessDied) as failed:
+        raise EngineError(str(failed)) from None
 
 
 def _remove_run_dir(run_dir: Path) -> None:

@@ -47,6 +47,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, Sequence
 
+from tests.support.waiting import Watched, wait_until
+
 SSHD = "/usr/sbin/sshd"
 _SSHD_CONFIG = """\
 ListenAddress {address}
@@ -78,6 +80,7 @@ class SimulatedHost:
     private_dirs: dict[str, Path] = field(default_factory=dict)
     sshd_pid: int | None = None
     host_key_pub: str = ""
+    sshd: Watched | None = field(default=None, repr=False, compare=False)  # what a wait for it watches
 
     @property
     def ssh_target(self) -> str:
@@ -156,13 +159,11 @@ def _kill_netns_processes(netns: str) -> None:
 
 
 def _wait_for_port(host: SimulatedHost, port: int, timeout: float = 15) -> None:
-    deadline = time.monotonic() + timeout
+    """Until `host`'s sshd listens on `port`; at once an error with its log if it has exited."""
     probe = f"import socket; socket.create_connection(('{host.address}', {port}), 1).close()"
-    while time.monotonic() < deadline:
-        if host.run(["python3", "-c", probe], check=False, timeout=5).returncode == 0:
-            return
-        time.sleep(0.1)
-    raise RuntimeError(f"sshd of {host.name} did not listen on {host.address}:{port} within {timeout}s")
+    wait_until(lambda: host.run(["python3", "-c", probe], check=False, timeout=5).returncode == 0,
+               timeout=timeout, interval=0.1, what=f"sshd of {host.name} listening on {host.address}:{port}",
+               process=host.sshd)
 
 
 @contextlib.contextmanager
@@ -272,6 +273,4 @@ def _start_sshd(host: SimulatedHost, hostdir: Path, key: Path, session_env: Mapp
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=(hostdir / "sshd.log").open("ab"),
     )
     host.sshd_pid = process.pid
-    time.sleep(0.05)
-    if process.poll() is not None:
-        raise RuntimeError(f"sshd of {host.name} exited at once: {(hostdir / 'sshd.log').read_text()[-500:]}")
+    host.sshd = Watched(process, f"sshd of {host.name}", hostdir / "sshd.log")

@@ -19,6 +19,8 @@ import httpx
 import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.support.waiting import wait_until
+
 BIN = Path(sys.executable).parent
 
 
@@ -50,14 +52,8 @@ class Process:
         return "\n".join(text.splitlines()[-lines:])
 
     def wait_until(self, ready, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.tail()}")
-            if ready():
-                return
-            time.sleep(0.5)
-        raise TimeoutError(f"{self.name} not ready after {timeout}s:\n{self.tail()}")
+        """Until ready() holds; an error with this process's exit code and log tail as soon as it exits."""
+        wait_until(ready, timeout=timeout, what=f"{self.name} ready", interval=0.5, process=self)
 
     def stop(self, grace: float = 30) -> None:
         if self.proc is None or self.proc.poll() is not None:
@@ -77,14 +73,7 @@ class Process:
 
 def eventually(probe, *, timeout: float, what: str, interval: float = 0.2):
     """probe()'s first truthy value, polled for `timeout` seconds; else an error with its last value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        last = probe()
-        if last:
-            return last
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"{what}: not within {timeout:g}s (last: {last!r})")
-        time.sleep(interval)
+    return wait_until(probe, timeout=timeout, what=what, interval=interval)
 
 
 def http_ok(url: str) -> bool:
@@ -207,11 +196,8 @@ class ThreadServer:
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
-        for _ in range(100):
-            if self.server.started and answers(self.url + ready_path):
-                return
-            self.thread.join(0.1)
-        raise TimeoutError(f"in-thread server on port {port} not answering {ready_path} after 10s")
+        wait_until(lambda: self.server.started and answers(self.url + ready_path), timeout=10, interval=0.1,
+                   what=f"in-thread server on port {port} answering {ready_path}")
 
     def stop(self) -> None:
         self.server.should_exit = True
