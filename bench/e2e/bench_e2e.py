@@ -30,7 +30,7 @@ from components import image_distribution  # noqa: E402
 from tests.e2e.air import AirSite, simulated_site  # noqa: E402
 from tests.e2e.apply import apply  # noqa: E402
 from tests.e2e.cluster import CLUSTER_NAME, DATA_ROOT, HOST_ROOT, MODEL_SOURCE, generate, stack_config, wait_until  # noqa: E402
-from tests.runtime.serving.tiny_model import build_tiny_llama  # noqa: E402
+from tests.support.tiny_model import build_tiny_llama  # noqa: E402
 
 # The applier's log: "HH:MM:SS <op> <type> <name> (<seconds>s)".
 _STEP = re.compile(r"^(\d\d:\d\d:\d\d) (\S+)\s+(\S+) (\S+) \(([\d.]+)s\)$")

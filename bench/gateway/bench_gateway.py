@@ -48,11 +48,11 @@ import psutil
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
-from tests.runtime.serving.processes import (  # noqa: E402
+from tests.support.processes import (  # noqa: E402
     Process, answers, cluster_json, free_ports, gateway_config, serve_spec, start_gateway, start_model_server, start_ray_head,
     write_route,
 )
-from tests.runtime.serving.tiny_model import build_tiny_llama  # noqa: E402
+from tests.support.tiny_model import build_tiny_llama  # noqa: E402
 
 MODEL = "bench-llama"
 GUIDE_PROMPT = "Hello, I am a"

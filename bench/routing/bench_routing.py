@@ -43,7 +43,7 @@ ROOT = HERE.parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench" / "gateway")]
 from bench_gateway import cpu_seconds, percentile  # noqa: E402
 from loadgen import Outcome, closed_loop, request_mix  # noqa: E402
-from tests.runtime.serving.processes import (  # noqa: E402
+from tests.support.processes import (  # noqa: E402
     Process, free_ports, gateway_config, http_ok, metric_families, start_gateway, start_ray_head, write_route,
 )
 

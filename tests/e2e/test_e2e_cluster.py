@@ -25,8 +25,8 @@ from tests.e2e.apply import apply
 from tests.e2e.cluster import (
     CLUSTER_NAME, MODEL_NAME, MODEL_ROOT, MODEL_SOURCE, REPLICAS, Load, e2e_cluster, generate, health, wait_until,
 )
-from tests.runtime.serving.processes import metric_families
-from tests.runtime.serving.tiny_model import build_tiny_llama
+from tests.support.processes import metric_families
+from tests.support.tiny_model import build_tiny_llama
 
 pytestmark = pytest.mark.slow
 

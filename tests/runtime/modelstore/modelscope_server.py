@@ -13,7 +13,7 @@ repository that does not exist, or is private and asked for without its token, i
 whose body carries the hub's own message, as ModelScope answers. The SDK authenticates with
 `Authorization: Bearer TOKEN` and the `m_session_id` cookie; either is accepted. Everything
 else (e.g. the SDK's probe for an Aliyun region) gets a 404. Requests are recorded, and file
-bodies throttled or cut, as protocol_server.py describes.
+bodies throttled or cut, as tests/support/protocol_server.py describes.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import uuid
 from dataclasses import dataclass, field
 from urllib.parse import parse_qs, unquote
 
-from protocol_server import ProtocolServer
+from tests.support.protocol_server import ProtocolServer
 
 LFS_THRESHOLD = 10_000
 CREATED = int(time.time()) - 86_400

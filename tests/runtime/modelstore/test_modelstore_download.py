@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from hub_server import HubRepo, HubServer
+from tests.support.hub_server import HubRepo, HubServer
 from node_runtime.modelstore.manifest import MANIFEST_NAME, read_manifest, verify_manifest
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from .processes import (
+from tests.support.processes import (
     Process, ThreadServer, free_ports, gateway_config, serve_spec, start_gateway, start_model_server, start_ray_head, write_route,
 )
-from .tiny_model import build_tiny_llama
+from tests.support.tiny_model import build_tiny_llama
 from .upstreams import RawReplica
 
 MODEL_NAME = "tiny-llama"

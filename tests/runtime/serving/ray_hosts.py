@@ -22,7 +22,7 @@ from pathlib import Path
 
 from tests.support.netns import SimulatedCluster, SimulatedHost, simulated_hosts
 
-from .processes import BIN, Process
+from tests.support.processes import BIN, Process
 
 GCS_PORT = 6379
 

@@ -37,7 +37,7 @@ from node_runtime.serving.fabric import (
     version_problems,
 )
 
-from .processes import BIN, free_ports
+from tests.support.processes import BIN, free_ports
 from .ray_hosts import interface, ray_hosts
 
 SUBNET, PREFIX = "10.79.0.0/24", "fab"

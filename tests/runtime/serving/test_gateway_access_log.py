@@ -7,7 +7,7 @@ import httpx
 import pytest
 
 from .conftest import INTERNAL_KEY, MODEL_NAME
-from .processes import eventually, free_ports, gateway_config, start_gateway
+from tests.support.processes import eventually, free_ports, gateway_config, start_gateway
 
 pytestmark = pytest.mark.slow
 

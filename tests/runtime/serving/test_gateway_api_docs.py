@@ -16,7 +16,7 @@ from schemathesis import GenerationMode
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from .conftest import INTERNAL_KEY, MODEL_NAME
-from .processes import free_ports, gateway_config, start_gateway
+from tests.support.processes import free_ports, gateway_config, start_gateway
 
 pytestmark = pytest.mark.slow
 

@@ -16,7 +16,7 @@ import pytest
 from node_runtime.serving.gateway.generation_routes import read_body
 
 from .conftest import INTERNAL_KEY, MODEL_NAME
-from .processes import (
+from tests.support.processes import (
     ThreadServer, eventually, free_ports, gateway_config, metric_families, start_gateway, vllm_work, vllm_work_settled,
     wait_until_vllm_idle, write_route,
 )

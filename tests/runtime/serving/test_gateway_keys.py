@@ -17,7 +17,7 @@ from node_runtime.serving.gateway.keys import ANONYMOUS, Keys, KeysError, parse_
 from node_runtime.serving.gateway.limits import Limiter
 
 from .conftest import INTERNAL_KEY, MODEL_NAME
-from .processes import free_ports, gateway_config, gateway_workers, metric_families, paused, start_gateway
+from tests.support.processes import free_ports, gateway_config, gateway_workers, metric_families, paused, start_gateway
 
 SECRETS = {"alice": "alice-secret-0123456789", "bob": "bob-secret-0123456789", "carol": "carol-secret-0123456789"}
 

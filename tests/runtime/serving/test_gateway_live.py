@@ -9,7 +9,7 @@ import openai
 import pytest
 
 from .conftest import INTERNAL_KEY, MODEL_NAME
-from .processes import (
+from tests.support.processes import (
     gateway_with_two_workers, gateway_workers, metric_families, metric_values, paused, vllm_work, vllm_work_settled,
     wait_until_vllm_idle,
 )

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 import httpx
 import pytest
 
-from .processes import (
+from tests.support.processes import (
     BIN, ThreadServer, eventually, free_ports, gateway_config, gateway_with_two_workers, gateway_workers,
     metric_families, route_path, write_route,
 )

@@ -15,7 +15,7 @@ import pytest
 
 from node_runtime.serving.gateway.generation_routes import read_body
 
-from .processes import (
+from tests.support.processes import (
     ThreadServer, free_ports, gateway_config, gateway_with_two_workers, gateway_workers, metric_families, metric_values, paused,
     write_route,
 )

@@ -5,7 +5,7 @@ import httpx
 import pytest
 
 from .conftest import MODEL_NAME
-from .processes import eventually
+from tests.support.processes import eventually
 
 pytestmark = pytest.mark.slow
 

@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from .processes import BIN, serve_spec
+from tests.support.processes import BIN, serve_spec
 
 pytestmark = pytest.mark.slow
 

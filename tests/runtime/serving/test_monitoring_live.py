@@ -25,7 +25,7 @@ from components.plan import make_plan
 from tests.support.pulumi_program import REPO, stack_config
 
 from .conftest import INTERNAL_KEY, MODEL_NAME
-from .processes import Process, eventually, free_ports, gateway_config, http_ok, metric_families, start_gateway, write_route
+from tests.support.processes import Process, eventually, free_ports, gateway_config, http_ok, metric_families, start_gateway, write_route
 from .upstreams import RawReplica, ShapedReplica
 
 pytestmark = pytest.mark.slow

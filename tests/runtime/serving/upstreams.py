@@ -13,7 +13,7 @@ import threading
 
 from node_runtime.serving.gateway.generation_routes import read_body
 
-from .processes import ThreadServer, free_ports
+from tests.support.processes import ThreadServer, free_ports
 
 
 async def serve_lifespan(receive, send) -> None:

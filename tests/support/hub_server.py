@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass, field
 from urllib.parse import unquote
 
-from protocol_server import ProtocolServer
+from tests.support.protocol_server import ProtocolServer
 
 LFS_THRESHOLD = 10_000
 
