@@ -18,11 +18,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pulumi
-from pulumi.runtime import mocks as pulumi_mocks
-from pulumi.runtime import rpc
-from pulumi.runtime.settings import reset_options
-from pulumi.runtime.stack import run_pulumi_func
-from pulumi.runtime.sync_await import _sync_await
+
+from tests.support import pulumi_sdk
 
 PROJECT = "vllm-dcu"
 REPO = Path(__file__).resolve().parents[2]
@@ -98,7 +95,7 @@ class ProgramRun:
 
 def _unwrap_secrets(value: Any, path: str, secret_paths: list[str]) -> Any:
     if isinstance(value, dict):
-        if value.get(rpc._special_sig_key) == rpc._special_secret_sig:
+        if pulumi_sdk.is_secret_wrapper(value):
             secret_paths.append(path)
             return _unwrap_secrets(value["value"], path, secret_paths)
         return {k: _unwrap_secrets(v, f"{path}.{k}" if path else k, secret_paths) for k, v in value.items()}
@@ -151,7 +148,7 @@ def current_registration() -> RecordedResource | None:
     return getattr(_registering, "resource", None)
 
 
-class RecordingMonitor(pulumi_mocks.MockMonitor):
+class RecordingMonitor(pulumi_sdk.MockMonitor):
     def __init__(self, mocks: pulumi.runtime.Mocks):
         super().__init__(mocks)
         self.recorded: list[RecordedResource] = []
@@ -170,7 +167,7 @@ class RecordingMonitor(pulumi_mocks.MockMonitor):
 
     def _record(self, request) -> RecordedResource:
         secret_paths: list[str] = []
-        raw = rpc.deserialize_properties(request.object, keep_internal=True)
+        raw = pulumi_sdk.deserialize_properties(request.object)
         inputs = _unwrap_secrets(raw, "", secret_paths)
         deps = set(request.dependencies)
         for prop in request.propertyDependencies.values():
@@ -218,7 +215,7 @@ def run_program(
     except RuntimeError:
         asyncio.set_event_loop(asyncio.new_event_loop())
     # Fresh settings (set_mocks keeps the last run's outputs, a failed run's failures among them).
-    reset_options()
+    pulumi_sdk.reset_settings()
     pulumi.runtime.set_mocks(monitor.mocks, project=PROJECT, stack=stack, preview=False, monitor=monitor)
     values = {f"{PROJECT}:{k}": v if isinstance(v, str) else json.dumps(v) for k, v in config.items()}
     values.update({f"{PROJECT}:{k}": v for k, v in (secrets or {}).items()})
@@ -235,7 +232,7 @@ def run_program(
     error: BaseException | None = None
     asyncio.get_event_loop().set_exception_handler(_report_unless_reported)
     try:
-        _sync_await(run_pulumi_func(run))
+        pulumi_sdk.run_program_function(run)
     except BaseException as exc:  # noqa: BLE001 - the test decides what a failure means
         error = exc
         _reported.extend(_chain(exc))
