@@ -1,7 +1,7 @@
 """Bring-up, a change to the runtime package only, and a no-change re-apply on the simulated 3-host
 cluster, for each way the node image reaches the workers (imageTransfer: stream, relay), side by side.
 
-    .venv/bin/python bench/e2e/bench_e2e.py [--transfer stream --transfer relay] [--replicas N]   # as root
+    .venv/bin/python -m bench.e2e.bench_e2e [--transfer stream --transfer relay] [--replicas N]   # as root
 
 Same stack and applier as tests/e2e (three network namespaces with their own sshd and Docker engine,
 the real Pulumi program applied through tests/e2e/apply.py), on the air-gapped tests' own subnet
@@ -16,21 +16,17 @@ from __future__ import annotations
 
 import argparse
 import re
-import sys
 import time
 import uuid
 from datetime import datetime, timedelta
 from pathlib import Path
 from unittest import mock
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
-
-from components import image_distribution  # noqa: E402
-from tests.e2e.air import AirSite, simulated_site  # noqa: E402
-from tests.e2e.apply import apply  # noqa: E402
-from tests.e2e.cluster import CLUSTER_NAME, DATA_ROOT, HOST_ROOT, MODEL_SOURCE, generate, stack_config, wait_until  # noqa: E402
-from tests.support.tiny_model import build_tiny_llama  # noqa: E402
+from components import image_distribution
+from tests.e2e.air import AirSite, simulated_site
+from tests.e2e.apply import apply
+from tests.e2e.cluster import CLUSTER_NAME, DATA_ROOT, HOST_ROOT, MODEL_SOURCE, generate, stack_config, wait_until
+from tests.support.tiny_model import build_tiny_llama
 
 # The applier's log: "HH:MM:SS <op> <type> <name> (<seconds>s)".
 _STEP = re.compile(r"^(\d\d:\d\d:\d\d) (\S+)\s+(\S+) (\S+) \(([\d.]+)s\)$")

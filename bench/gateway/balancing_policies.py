@@ -9,7 +9,7 @@ slots wait in FIFO order, as vLLM's scheduler queues what does not fit. Requests
 in flight, as the real ones do. Virtual time: no HTTP, no CPU limits, the policy alone is measured
 (bench/routing/ measures the whole gateway in front of simulated engines over HTTP).
 
-Run: .venv/bin/python bench/gateway/balancing_policies.py [--requests 40000] [--seeds 5]
+Run: .venv/bin/python -m bench.gateway.balancing_policies [--requests 40000] [--seeds 5]
 """
 
 import argparse

@@ -8,7 +8,7 @@ direct, the engine's iterations per request (from vLLM's own `vllm:iteration_tok
 fewer requests per engine step means smaller batches, which cost more engine time per request), and
 each core's utilization.
 
-Run: .venv/bin/python bench/gateway/bench_batching.py [--seconds 5] [--rounds 6] [--concurrency 64]
+Run: .venv/bin/python -m bench.gateway.bench_batching [--seconds 5] [--rounds 6] [--concurrency 64]
 """
 
 import argparse
@@ -24,8 +24,7 @@ from pathlib import Path
 
 import aiohttp
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_gateway import (  # noqa: E402
+from bench.gateway.bench_gateway import (
     ALL_CORES, COMPLETION, Process, Upstream, answers, free_ports, gateway_in_front, place, requests_per_second, start_tiny_vllm,
 )
 

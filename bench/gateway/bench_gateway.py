@@ -27,7 +27,7 @@ Every measurement alternates the paths so that drift on the shared machine hits 
   3. the gateway process's CPU time per request it served;
   4. /batch_generate of B prompts vs a sequential loop of /generate (real vLLM, shared placement).
 
-Run: .venv/bin/python bench/gateway/bench_gateway.py [--requests 300] [--seconds 5] [--rounds 4] [--concurrency 16]
+Run: .venv/bin/python -m bench.gateway.bench_gateway [--requests 300] [--seconds 5] [--rounds 4] [--concurrency 16]
 """
 
 import argparse
@@ -46,13 +46,13 @@ from pathlib import Path
 import aiohttp
 import psutil
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-from tests.support.processes import (  # noqa: E402
+from tests.support.processes import (
     Process, answers, cluster_json, free_ports, gateway_config, serve_spec, start_gateway, start_model_server, start_ray_head,
     write_route,
 )
-from tests.support.tiny_model import build_tiny_llama  # noqa: E402
+from tests.support.tiny_model import build_tiny_llama
+
+ROOT = Path(__file__).resolve().parents[2]
 
 MODEL = "bench-llama"
 GUIDE_PROMPT = "Hello, I am a"

@@ -8,7 +8,7 @@ upstream (from /proc: CFS's exact runtime). With --no-halt, every other pair of 
 this process holds /dev/cpu_dma_latency at 0, which keeps idle CPUs polling instead of halting
 (root only): it tells whether waking a halted (virtual) CPU is what costs.
 
-Run: .venv/bin/python bench/gateway/bench_idle.py [--requests 600] [--blocks 4] [--delay-ms 7] [--no-halt]
+Run: .venv/bin/python -m bench.gateway.bench_idle [--requests 600] [--blocks 4] [--delay-ms 7] [--no-halt]
 """
 
 import argparse
@@ -17,15 +17,13 @@ import json
 import os
 import shutil
 import struct
-import sys
 import tempfile
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import aiohttp
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_gateway import COMPLETION, cpu_seconds, gateway_in_front, percentile, start_fixed_upstream, timed_in_rotation  # noqa: E402
+from bench.gateway.bench_gateway import COMPLETION, cpu_seconds, gateway_in_front, percentile, start_fixed_upstream, timed_in_rotation
 
 WARMUP = 50
 

@@ -7,7 +7,7 @@ each round). Every process may use every core, so on a small machine the workers
 the load generator compete: this measures what extra workers buy where cores are scarce, and the
 gateway's capacity where the upstream is not the limit.
 
-Run: .venv/bin/python bench/gateway/bench_workers.py [--workers 1 2] [--seconds 5] [--rounds 4] [--concurrency 64]
+Run: .venv/bin/python -m bench.gateway.bench_workers [--workers 1 2] [--seconds 5] [--rounds 4] [--concurrency 64]
 """
 
 import argparse
@@ -16,14 +16,12 @@ import json
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 
 import psutil
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_gateway import (  # noqa: E402
+from bench.gateway.bench_gateway import (
     ALL_CORES, COMPLETION, cpu_seconds, gateway_in_front, requests_per_second, start_fixed_upstream, start_tiny_vllm,
 )
 

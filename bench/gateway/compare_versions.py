@@ -8,7 +8,7 @@ The old version runs from a `git archive` of the ref put first on PYTHONPATH.
 A --variant adds the working tree again with more config keys (e.g. the access log on), measured in
 the same rotation.
 
-Run: .venv/bin/python bench/gateway/compare_versions.py [--old HEAD] [--requests 1500]
+Run: .venv/bin/python -m bench.gateway.compare_versions [--old HEAD] [--requests 1500]
          [--variant 'access log={"access_log_percent": 100}']
 """
 
@@ -18,14 +18,12 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import aiohttp
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_gateway import (  # noqa: E402
+from bench.gateway.bench_gateway import (
     COMPLETION, GENERATE, ROOT, cpu_seconds, gateway_in_front, percentile, start_fixed_upstream, timed_in_rotation,
 )
 

@@ -9,7 +9,7 @@ root at the same absolute path. For N = 1, 2, 4 workers it times, side by side i
   - the same sync again once every worker is up to date: no data moves, so this is the sync's
     fixed cost (start-up of every hop, planning, verification, results).
 Every copy starts from empty destinations. Run as root from the repo root:
-    .venv/bin/python bench/model_sync/bench_model_sync.py [--rate 100mbit] [--mib 48] [--workers 1 2 4]
+    .venv/bin/python -m bench.model_sync.bench_model_sync [--rate 100mbit] [--mib 48] [--workers 1 2 4]
 """
 
 from __future__ import annotations
@@ -21,8 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from tests.support.netns import simulated_hosts  # noqa: E402
+from tests.support.netns import simulated_hosts
 
 MODEL_ROOT = "/srv/bench-model-sync"
 MODEL = f"{MODEL_ROOT}/bench-model"

@@ -20,7 +20,7 @@ over rounds; ratios to the computed capacity, to direct and to vllm-router taken
 latency p50/p99 to the last byte (all rounds pooled), the router's CPU per request, how busy the
 machine's cores were, and every error; then the issue's targets, met or not.
 
-Run: .venv/bin/python bench/routing/bench_routing.py [--replicas 1,2,4,8] [--rounds 3] [--seconds 10]
+Run: .venv/bin/python -m bench.routing.bench_routing [--replicas 1,2,4,8] [--rounds 3] [--seconds 10]
      (vllm-router from PATH or --vllm-router; see bench/routing/README.md)
 """
 
@@ -38,14 +38,13 @@ from pathlib import Path
 
 import psutil
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "bench" / "gateway")]
-from bench_gateway import cpu_seconds, percentile  # noqa: E402
-from loadgen import Outcome, closed_loop, request_mix  # noqa: E402
-from tests.support.processes import (  # noqa: E402
+from bench.gateway.bench_gateway import cpu_seconds, percentile
+from bench.routing.loadgen import Outcome, closed_loop, request_mix
+from tests.support.processes import (
     Process, free_ports, gateway_config, http_ok, metric_families, start_gateway, start_ray_head, write_route,
 )
+
+HERE = Path(__file__).resolve().parent
 
 MODEL = "sim"
 GATEWAY = "gateway least-outstanding"
