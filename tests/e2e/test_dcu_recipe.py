@@ -81,19 +81,20 @@ def _packages(builder, image: str) -> dict[str, str]:
 
 
 def test_the_runtime_installs_offline_from_the_wheelhouse_changing_no_vendor_package(builder, project, tmp_path):
-    base = _vendor_base(builder, tmp_path, "2.4.0")
+    # The vendor's own: transformers 4.x (vLLM 0.8.5-0.11) holds huggingface-hub below 1.0.
+    base = _vendor_base(builder, tmp_path, "0.30.2")
     built = _build_offline(builder, project, base, "node:offline")
     assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
     before, after = _packages(builder, base), _packages(builder, "node:offline")
     assert {name: after.get(name) for name in before} == before
-    assert after["pydantic"] == "2.9.2" and after["huggingface-hub"] == "2.4.0"
+    assert after["pydantic"] == "2.9.2" and after["huggingface-hub"] == "0.30.2"
     assert {"node-runtime", "modelscope", "typer", "blake3"} <= set(after)
     answered = builder.docker("run", "--rm", "--network=none", "node:offline", "node-runtime", "model", "--help")
     assert "download" in answered.stdout
 
 
 def test_a_vendor_package_older_than_the_runtime_needs_fails_the_build_naming_it(builder, project, tmp_path):
-    base = _vendor_base(builder, tmp_path, "0.30.2")
+    base = _vendor_base(builder, tmp_path, "0.29.3")  # below the runtime's floor (images/runtime/pyproject.toml)
     built = _build_offline(builder, project, base, "node:conflict")
     assert built.returncode != 0
     output = built.stdout + built.stderr
