@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shlex
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import psutil
@@ -428,3 +430,5 @@ def test_teardown_keeps_the_model_on_every_host(e2e, deployed):
         model_dir = e2e.on_host(host, f"{MODEL_ROOT}/{MODEL_NAME}")
         assert (model_dir / ".manifest.json").is_file() and (model_dir / "config.json").is_file(), host.name
     print(f"\ne2e timings: {json.dumps(e2e.timings)}")
+    if os.environ.get("E2E_TIMINGS_FILE"):  # what bench/e2e/RESULTS.md records of a run
+        Path(os.environ["E2E_TIMINGS_FILE"]).write_text(json.dumps(e2e.timings, indent=1) + "\n")
