@@ -18,7 +18,7 @@ from typing import Iterator, Mapping, Sequence
 
 from tests.e2e.apply import Applier, Site
 from tests.e2e.node_image import CACHE_DIR, ImageRecipe, build_image_tarball, pinned_base
-from tests.support.docker_hosts import DockerCluster, docker_hosts, engine, engine_socket
+from tests.support.docker_hosts import DockerCluster, docker_hosts, engine, engine_socket, remove_in_background
 from tests.support.netns import SimulatedHost
 from tests.support.pulumi_program import REPO
 
@@ -109,4 +109,4 @@ def simulated_site(count: int, *, private_dirs: Sequence[str], local: bool = Fal
                 site = AirSite(cluster, Applier(apply_site), workdir, base_image, base_tag, project)
                 yield site
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        remove_in_background(workdir)

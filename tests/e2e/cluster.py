@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import tempfile
 import threading
 import time
@@ -20,7 +19,7 @@ import httpx
 
 from tests.e2e.apply import Applier, Site
 from tests.e2e.node_image import CACHE_DIR, ImageRecipe, build_image_tarball, pinned_base
-from tests.support.docker_hosts import DockerCluster, DockerEngine, docker_hosts, engine
+from tests.support.docker_hosts import DockerCluster, DockerEngine, docker_hosts, engine, remove_in_background
 from tests.support.waiting import wait_until as _wait_until
 
 # Override when another simulated cluster holds it on this machine (CI runs nothing else).
@@ -221,4 +220,4 @@ def e2e_cluster(model_builder, *, build_log: Path | None = None) -> Iterator[E2E
                           {"sshPrivateKey": cluster.sim.key.read_text()}, Applier(site), workdir)
                 yield e2e
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        remove_in_background(workdir)

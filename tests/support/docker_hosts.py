@@ -29,6 +29,7 @@ import os
 import shutil
 import signal
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -189,7 +190,19 @@ def _remove_run_dir(run_dir: Path) -> None:
 
 def remove_engine_state(engine: DockerEngine) -> None:
     _remove_run_dir(engine.run_dir)
-    shutil.rmtree(engine.data_root, ignore_errors=True)
+    remove_in_background(engine.data_root)
+
+
+def remove_in_background(directory: Path) -> None:
+    """Delete `directory` in a process of its own, which outlives the test run if it must: an engine's
+    data root holds the node image's files (hundreds of thousands), whose deletion took minutes of the
+    suite's time. Renamed first, so the path is free at once."""
+    if not directory.exists():
+        return
+    doomed = directory.with_name(f".{directory.name}.removing-{os.getpid()}-{time.monotonic_ns()}")
+    directory.rename(doomed)
+    subprocess.Popen(["rm", "-rf", "--one-file-system", str(doomed)], stdin=subprocess.DEVNULL,
+                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
 
 def mounts_under(directory: Path, mountinfo: str | None = None) -> list[str]:
