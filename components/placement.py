@@ -62,9 +62,6 @@ class _Devices:
         for device in devices:
             self.free[node][device] = False
 
-    def whole_free(self, node: int) -> bool:
-        return bool(self.free[node]) and all(self.free[node])
-
     def count(self, node: int) -> int:
         return sum(self.free[node])
 

@@ -104,8 +104,6 @@ def _interface_check(node: NodePlan, interface: Interface, checked: set[tuple[st
     name, prefix = interface.name, False
     if interface.kind == "gloo":
         name = name.split(",")[0]  # torch binds the first of a list for the rendezvous
-    elif name.startswith("="):
-        name = name[1:]
     elif not _PLAIN_NAME.match(name):
         return [f"echo {shlex.quote(f'note: {interface.key}={name} is a NCCL pattern; the cluster check tests it')}"]
     else:

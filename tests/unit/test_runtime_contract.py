@@ -89,3 +89,10 @@ def test_the_serve_spec_carries_the_plan_the_outputs_show(stack_file):
             assert (spec.tensor_parallel_size, spec.pipeline_parallel_size) == (
                 replica["tensorParallelSize"], replica["pipelineParallelSize"])
             assert f"http://{spec.host}:{spec.port}" == replica["url"]
+
+
+def test_the_url_file_is_where_the_programs_health_gate_reads_it():
+    from components.model_server import SERVING_URL_FILE as read_by_the_gate
+    from node_runtime.serving.launcher import SERVING_URL_FILE
+
+    assert SERVING_URL_FILE == read_by_the_gate == "/tmp/node-runtime-url"

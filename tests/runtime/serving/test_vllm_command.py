@@ -248,13 +248,6 @@ def test_a_taken_ipv6_port_is_named():
                                       "(its `port`, or serverPortBase)")
 
 
-def test_the_url_file_is_where_the_programs_health_gate_reads_it():
-    from components.model_server import SERVING_URL_FILE as read_by_the_gate
-    from node_runtime.serving.launcher import SERVING_URL_FILE
-
-    assert SERVING_URL_FILE == read_by_the_gate == "/tmp/node-runtime-url"
-
-
 def _open_locks(directory) -> dict[int, str]:
     found = {}
     for fd in os.listdir("/proc/self/fd"):
