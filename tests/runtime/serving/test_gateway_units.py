@@ -1,17 +1,22 @@
+import asyncio
 import json
 from pathlib import Path
 
+import aiohttp
 import pytest
+from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from node_runtime.serving.gateway.config import RouteFile
 from node_runtime.serving.gateway.drain import replica_load
 from node_runtime.serving.gateway.errors import GatewayError
 from node_runtime.serving.gateway.generate import BatchGenerateRequest, GenerateRequest, parse
+from node_runtime.serving.gateway.health import CHECK_TIMEOUT, UNANSWERED_PROBES_TO_LEAVE, check_replicas
 from node_runtime.serving.gateway.metrics import relabel_vllm_metrics
 from node_runtime.serving.gateway.replicas import Pools
 from node_runtime.serving.gateway.route_files import RouteFiles
 from node_runtime.serving.gateway.upstream import served_model
+from tests.support.processes import free_ports
 
 VLLM_METRICS = """# HELP vllm:num_requests_running Number of requests in model execution batches.
 # TYPE vllm:num_requests_running gauge
@@ -165,3 +170,43 @@ def test_replica_load_reads_the_summed_gauges():
     assert replica_load(METRICS_WHILE_DRAINING, "m/0") == (0.0, 3.0)
     assert replica_load(METRICS_WHILE_DRAINING, "m/1") == (2.0, 1.0)
     assert replica_load(METRICS_WHILE_DRAINING, "m/7") == (0.0, 0.0)  # never known: nothing to drain
+
+
+def test_a_replica_leaves_after_unanswered_probes_in_a_row_and_at_once_when_refused_or_failing():
+    async def scenario() -> None:
+        answer = {"delay": 0.0, "status": 200}
+
+        async def health(request: web.Request) -> web.Response:
+            await asyncio.sleep(answer["delay"])
+            return web.Response(status=answer["status"])
+
+        app = web.Application()
+        app.router.add_get("/health", health)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        port = free_ports(1)[0]
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        pools = Pools(["m"])
+        [replica] = pools.apply({"m/0": RouteFile(model="m", replica="m/0", url=f"http://127.0.0.1:{port}", node="n")})
+        async with aiohttp.ClientSession() as session:
+            async def probe() -> str | None:
+                await check_replicas(session, pools, [replica])
+                return replica.problem
+
+            assert await probe() is None
+            answer["delay"] = CHECK_TIMEOUT.total + 0.5  # busy: answers, but late
+            for _ in range(UNANSWERED_PROBES_TO_LEAVE - 1):
+                assert await probe() is None and pools.pick("m") is replica
+            assert await probe() == f"its /health did not answer within {CHECK_TIMEOUT.total:g} s"
+            with pytest.raises(GatewayError):
+                pools.pick("m")
+            answer["delay"] = 0.0
+            assert await probe() is None and replica.unanswered_probes == 0
+            answer["status"] = 503
+            assert await probe() == "its /health answered 503"
+            answer["status"] = 200
+            assert await probe() is None
+            await runner.cleanup()
+            assert (await probe()).startswith("not reachable")
+
+    asyncio.run(scenario())

@@ -17,8 +17,15 @@ from node_runtime.serving.spec import ClusterSpec
 log = logging.getLogger("node_runtime.gateway")
 
 CHECK_INTERVAL_S = 2.0
-# Short: a replica whose /health takes longer is busy enough to be left out until it answers again.
 CHECK_TIMEOUT = aiohttp.ClientTimeout(total=2.0)
+# A replica busy generating may answer its /health late (a CPU engine on a loaded host took over 2 s):
+# it leaves its pool only after this many probes in a row went unanswered, not at the first. Refused,
+# reset or not 200 is a replica down or failing, and it leaves at once.
+UNANSWERED_PROBES_TO_LEAVE = 3
+
+
+class Unanswered(str):
+    """A problem that is a probe's timeout: it counts towards UNANSWERED_PROBES_TO_LEAVE."""
 
 
 async def replica_problem(session: aiohttp.ClientSession, url: str) -> str | None:
@@ -26,7 +33,9 @@ async def replica_problem(session: aiohttp.ClientSession, url: str) -> str | Non
     try:
         async with session.get(url + "/health", timeout=CHECK_TIMEOUT) as response:
             status = response.status
-    except (aiohttp.ClientError, asyncio.TimeoutError) as error:
+    except asyncio.TimeoutError:  # aiohttp's own timeouts are these too
+        return Unanswered(f"its /health did not answer within {CHECK_TIMEOUT.total:g} s")
+    except aiohttp.ClientError as error:
         return f"not reachable ({type(error).__name__})"
     return None if status == 200 else f"its /health answered {status}"
 
@@ -35,6 +44,9 @@ async def check_replicas(session: aiohttp.ClientSession, pools: Pools, replicas:
     """Each replica's health checked at once; a failing one leaves its pool, a passing one (re)joins."""
     problems = await asyncio.gather(*(replica_problem(session, replica.url) for replica in replicas))
     for replica, problem in zip(replicas, problems):
+        replica.unanswered_probes = replica.unanswered_probes + 1 if isinstance(problem, Unanswered) else 0
+        if replica.problem is None and 0 < replica.unanswered_probes < UNANSWERED_PROBES_TO_LEAVE:
+            continue
         pools.set_problem(replica, problem)
 
 

@@ -30,6 +30,7 @@ class Replica:
         self.id, self.model, self.node, self.url = route.replica, route.model, route.node, route.base_url
         self.routed = True
         self.problem: str | None = NOT_PROBED  # None while healthy
+        self.unanswered_probes = 0  # health probes in a row that timed out (gateway.health)
         self.in_flight = self.requests = self.errors = 0
         self._in_flight = REPLICA_IN_FLIGHT.labels(self.model, self.id)
         self._latency = UPSTREAM_LATENCY.labels(self.model, self.id)
