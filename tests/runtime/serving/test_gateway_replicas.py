@@ -183,6 +183,27 @@ def test_a_reset_before_the_answer_is_retried_and_an_answer_cut_short_is_not(rep
         cutting.close()
 
 
+def test_the_guides_endpoint_sends_an_answer_cut_short_once_to_another_replica(replicas, routes, model):
+    """/generate answers in one piece, so nothing of it has reached the client when a replica breaks off
+    its answer (killed mid-answer): the call goes once to another replica and the cut one leaves its pool."""
+    a, cutting = replicas("a"), RawReplica("cut")
+    write_route(routes, model, f"{model}/a", a.url)
+    try:
+        with gateway_in_process(routes, model, check_interval_s=NO_PERIODIC_CHECKS) as url, httpx.Client(timeout=30) as client:
+            held = hold_stream(client, url, model)  # a holds one call: the next goes to m/cut (0 in flight)
+            write_route(routes, model, f"{model}/cut", cutting.url)
+            wait_routed(url, model, f"{model}/cut")
+            answered = client.post(url + "/generate", json={"prompt": "x", "max_tokens": 2})
+            assert answered.status_code == 200, answered.text
+            assert (cutting.posts, a.posts) == (1, 2)
+            assert counter(url, "gateway_upstream_errors", replica=f"{model}/cut", kind="protocol") == 1
+            assert replica_gauges(url, model)[f"{model}/cut"]["healthy"] == 0
+            a.release()
+            b"".join(held[1])
+    finally:
+        cutting.close()
+
+
 @pytest.mark.slow
 def test_health_checks_take_a_replica_out_of_the_pool_and_back(replicas, routes, model, ray_head):
     a, b = replicas("a"), replicas("b")

@@ -97,7 +97,8 @@ def not_answered(pools: Pools, replica: Replica, error: Exception) -> GatewayErr
 
 
 def call_failed(replica: Replica, error: Exception, *, answer_started: bool) -> GatewayError:
-    """Any other failed call: a slow replica is a 504, a broken one a 503. Neither is sent again."""
+    """Any other failed call: a slow replica is a 504, a broken one a 503. Neither is sent again (but a
+    non-streaming answer cut off once: see _send_for_whole_answer)."""
     if isinstance(error, asyncio.TimeoutError):
         replica.failed("timeout", answered=answer_started)
         return GatewayError(504, f"replica {replica.id} of '{replica.model}' did not answer in time ({type(error).__name__}); "
@@ -111,13 +112,12 @@ def call_failed(replica: Replica, error: Exception, *, answer_started: bool) -> 
 FAILED = (asyncio.TimeoutError, aiohttp.ClientError)
 
 
-async def _send(state: GatewayState, scope: dict, model: str, path: str,
-                body: bytes) -> tuple[Replica, aiohttp.ClientResponse, float]:
-    """POST to the least busy healthy replica, once more to another if it never answered: the answer's
-    head, its replica counted in flight until the caller calls end(started) with the third value."""
+async def _send(state: GatewayState, scope: dict, model: str, path: str, body: bytes,
+                failed: Replica | None = None) -> tuple[Replica, aiohttp.ClientResponse, float]:
+    """POST to the least busy healthy replica (not `failed`), once more to another if it never answered:
+    the answer's head, its replica counted in flight until the caller calls end(started) with the third value."""
     headers = {"content-type": "application/json", "accept": header(scope, b"accept") or "*/*",
                "x-request-id": request_id(scope)}
-    failed = None
     while True:
         replica = state.pools.pick(model, avoid=failed)
         scope["state"]["replica"] = replica.id  # for the access log
@@ -153,10 +153,33 @@ async def _whole_answer(replica: Replica, response: aiohttp.ClientResponse, star
         replica.end(started)
 
 
+async def _send_for_whole_answer(state: GatewayState, scope: dict, model: str, path: str,
+                                 body: bytes) -> tuple[aiohttp.ClientResponse, bytes]:
+    """A non-streaming call and its whole answer. A replica whose connection closes before its answer's
+    end (it died mid-answer) leaves its pool, and the call goes once to another replica: nothing of the
+    answer has reached the client yet."""
+    failed = None
+    while True:
+        replica, response, started = await _send(state, scope, model, path, body, failed)
+        try:
+            return response, await response.read()
+        except aiohttp.ClientPayloadError as cut:
+            if failed is not None:
+                raise call_failed(replica, cut, answer_started=True) from None
+            replica.failed("protocol")
+            state.pools.set_problem(replica, f"broke off an answer ({type(cut).__name__})")
+            failed = replica
+        except FAILED as broken:
+            raise call_failed(replica, broken, answer_started=True) from None
+        finally:
+            response.release()
+            replica.end(started)
+
+
 async def post_upstream(state: GatewayState, scope: dict, model: str, path: str, body: bytes) -> tuple[int, bytes]:
     """POST a JSON body to a replica of `model`: its status and whole body."""
-    replica, response, started = await _send(state, scope, model, path, body)
-    return response.status, await _whole_answer(replica, response, started)
+    response, content = await _send_for_whole_answer(state, scope, model, path, body)
+    return response.status, content
 
 
 def usage_of(completion) -> tuple[int, int] | None:
