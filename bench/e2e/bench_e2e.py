@@ -14,7 +14,6 @@ are reported apart, as a real head builds in place.
 
 from __future__ import annotations
 
-import argparse
 import re
 import time
 import uuid
@@ -22,6 +21,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from unittest import mock
 
+from bench import harness
 from components import image_distribution
 from tests.e2e.air import AirSite, simulated_site
 from tests.e2e.apply import apply
@@ -101,27 +101,28 @@ def run(transfer: str, replicas: int) -> tuple[list[dict], float | None]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = harness.parser(__doc__)
     parser.add_argument("--transfer", action="append", choices=("stream", "relay"))
     parser.add_argument("--replicas", type=int, default=3, help="replicas of the tiny model (the e2e stack: 3)")
     options = parser.parse_args()
-    results = {transfer: run(transfer, options.replicas) for transfer in options.transfer or ["stream", "relay"]}
-    print(f"\n{datetime.now():%Y-%m-%d %H:%M} UTC, {options.replicas} replica(s)\n")
-    print("| transfer | step | apply s | to first token s | image step s | harness build / build+load s "
-          "| MB received per worker | resources changed |")
-    print("|---|---|---|---|---|---|---|---|")
-    for transfer, (rows, _) in results.items():
-        for r in rows:
-            token = f"{r['first_token_s']:.1f}" if r["first_token_s"] is not None else "—"
-            received = " / ".join(f"{mb:.1f}" for mb in r["received_mb"])
-            print(f"| {transfer} | {r['step']} | {r['apply_s']:.1f} | {token} | {r['image_step_s']:.1f} "
-                  f"| {r['harness_build_s']:.1f} / {r['harness_build_load_s']:.1f} | {received} | {r['changed']} |")
-    if "relay" in results and results["relay"][1] is not None:
-        layer = results["relay"][1]
-        changed = results["relay"][0][1]
-        worst = max(changed["received_mb"])
-        print(f"\nrelay, (b): the new layers are {layer:.1f} MB (compressed, as the relay holds them); "
-              f"the most a worker received is {worst:.1f} MB = {worst / layer:.2f} x; image step {changed['image_step_s']:.1f} s")
+    with harness.report():
+        results = {transfer: run(transfer, options.replicas) for transfer in options.transfer or ["stream", "relay"]}
+        print(f"\n{options.replicas} replica(s)\n")
+        print("| transfer | step | apply s | to first token s | image step s | harness build / build+load s "
+              "| MB received per worker | resources changed |")
+        print("|---|---|---|---|---|---|---|---|")
+        for transfer, (rows, _) in results.items():
+            for r in rows:
+                token = f"{r['first_token_s']:.1f}" if r["first_token_s"] is not None else "—"
+                received = " / ".join(f"{mb:.1f}" for mb in r["received_mb"])
+                print(f"| {transfer} | {r['step']} | {r['apply_s']:.1f} | {token} | {r['image_step_s']:.1f} "
+                      f"| {r['harness_build_s']:.1f} / {r['harness_build_load_s']:.1f} | {received} | {r['changed']} |")
+        if "relay" in results and results["relay"][1] is not None:
+            layer = results["relay"][1]
+            changed = results["relay"][0][1]
+            worst = max(changed["received_mb"])
+            print(f"\nrelay, (b): the new layers are {layer:.1f} MB (compressed, as the relay holds them); "
+                  f"the most a worker received is {worst:.1f} MB = {worst / layer:.2f} x; image step {changed['image_step_s']:.1f} s")
 
 
 if __name__ == "__main__":

@@ -12,13 +12,13 @@ in flight, as the real ones do. Virtual time: no HTTP, no CPU limits, the policy
 Run: .venv/bin/python -m bench.gateway.balancing_policies [--requests 40000] [--seeds 5]
 """
 
-import argparse
 import heapq
 import itertools
 import random
 import statistics
 from collections import deque
 
+from bench import harness
 from node_runtime.serving.gateway.config import RouteFile
 from node_runtime.serving.gateway.replicas import Pools
 
@@ -94,7 +94,7 @@ def simulate(policy, token_s: list[float], slots: int, workers: int, load: float
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = harness.parser(__doc__)
     parser.add_argument("--requests", type=int, default=40000)
     parser.add_argument("--seeds", type=int, default=5)
     args = parser.parse_args()
@@ -103,16 +103,17 @@ def main() -> None:
         ("4 engines, one twice as slow", [0.02, 0.02, 0.02, 0.04]),
         ("8 engines alike", [0.02] * 8),
     ]
-    print(f"{args.requests} requests per run, median of {args.seeds} seeds; engines of 8 slots; latency p50 / p99 in s")
-    for workers in (1, 2):
-        for load in (0.7, 0.9):
-            for name, token_s in scenarios:
-                print(f"\n{name}, {workers} gateway worker(s), load {load:.0%} of capacity")
-                for label, policy in make_policies().items():
-                    runs = [simulate(policy, token_s, 8, workers, load, args.requests, seed) for seed in range(args.seeds)]
-                    p50 = statistics.median(statistics.quantiles(run, n=100)[49] for run in runs)
-                    p99 = statistics.median(statistics.quantiles(run, n=100)[98] for run in runs)
-                    print(f"  {label:<42} p50 {p50:6.2f}  p99 {p99:6.2f}")
+    with harness.report():
+        print(f"{args.requests} requests per run, median of {args.seeds} seeds; engines of 8 slots; latency p50 / p99 in s")
+        for workers in (1, 2):
+            for load in (0.7, 0.9):
+                for name, token_s in scenarios:
+                    print(f"\n{name}, {workers} gateway worker(s), load {load:.0%} of capacity")
+                    for label, policy in make_policies().items():
+                        runs = [simulate(policy, token_s, 8, workers, load, args.requests, seed) for seed in range(args.seeds)]
+                        p50 = statistics.median(statistics.quantiles(run, n=100)[49] for run in runs)
+                        p99 = statistics.median(statistics.quantiles(run, n=100)[98] for run in runs)
+                        print(f"  {label:<42} p50 {p50:6.2f}  p99 {p99:6.2f}")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ each core's utilization.
 Run: .venv/bin/python -m bench.gateway.bench_batching [--seconds 5] [--rounds 6] [--concurrency 64]
 """
 
-import argparse
 import asyncio
 import json
 import os
@@ -19,11 +18,11 @@ import re
 import shutil
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 import aiohttp
 
+from bench import harness
 from bench.gateway.bench_gateway import (
     ALL_CORES, COMPLETION, Process, Upstream, answers, free_ports, gateway_in_front, place, requests_per_second, start_tiny_vllm,
 )
@@ -78,7 +77,7 @@ def start_nginx(upstream: str, work: Path) -> tuple[Process, str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = harness.parser(__doc__)
     parser.add_argument("--seconds", type=float, default=5)
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--concurrency", type=int, default=64)
@@ -86,48 +85,41 @@ def main() -> None:
     if len(ALL_CORES) < 2:
         parser.error("needs at least 2 cores")
 
-    work = Path(tempfile.mkdtemp(prefix="nrq-"))
-    started = []
     body = json.dumps(COMPLETION).encode()
     measured = {}  # path -> {"rps": [...], "iterations": [...], "busy": {core: [...]}}
-    try:
-        vllm = start_tiny_vllm(work, started)
-        vllm_url = vllm.url
-        gateway, gateway_url = gateway_in_front(vllm_url, vllm.ray_address, work, 64)
-        started.append(gateway)
-        nginx, nginx_url = start_nginx(vllm_url.removeprefix("http://"), work)
-        started.append(nginx)
-        # The gateway and nginx alike are front processes: pinned beside the load generator.
-        place("split", [Upstream(name, name, vllm_url, url, pid, vllm.engine_pids)
-                        for name, url, pid in (("gateway", gateway_url, gateway.proc.pid), ("nginx", nginx_url, nginx.proc.pid))])
-        paths = {"direct": vllm_url, "gateway": gateway_url, "nginx": nginx_url}
-        order = list(paths)
-        for round_number in range(args.rounds):
-            shift = round_number % len(order)
-            for name in order[shift:] + order[:shift]:
-                iterations_before, busy_before = engine_iterations(vllm_url), core_busy()
-                rps, _, _ = asyncio.run(requests_per_second(paths[name] + "/v1/completions", body, args.seconds, args.concurrency))
-                iterations, busy_after = engine_iterations(vllm_url) - iterations_before, core_busy()
-                record = measured.setdefault(name, {"rps": [], "iterations": [], "busy": {}})
-                record["rps"].append(rps)
-                # The warm-up requests (one per client) ran in the same interval: count them too.
-                record["iterations"].append(iterations / (rps * args.seconds + args.concurrency))
-                for core, (busy, total) in busy_after.items():
-                    record["busy"].setdefault(core, []).append((busy - busy_before[core][0]) / (total - busy_before[core][1]))
-    finally:
-        for process in reversed(started):
-            process.stop()
-        shutil.rmtree(work, ignore_errors=True)
+    with harness.report():
+        with harness.helper_processes("nrq-") as work:
+            vllm = start_tiny_vllm(work)
+            vllm_url = vllm.url
+            gateway, gateway_url = gateway_in_front(vllm_url, vllm.ray_address, work, 64)
+            nginx, nginx_url = start_nginx(vllm_url.removeprefix("http://"), work)
+            # The gateway and nginx alike are front processes: pinned beside the load generator.
+            place("split", [Upstream(name, name, vllm_url, url, pid, vllm.engine_pids)
+                            for name, url, pid in (("gateway", gateway_url, gateway.proc.pid), ("nginx", nginx_url, nginx.proc.pid))])
+            paths = {"direct": vllm_url, "gateway": gateway_url, "nginx": nginx_url}
+            order = list(paths)
+            for round_number in range(args.rounds):
+                shift = round_number % len(order)
+                for name in order[shift:] + order[:shift]:
+                    iterations_before, busy_before = engine_iterations(vllm_url), core_busy()
+                    rps, _, _ = asyncio.run(requests_per_second(paths[name] + "/v1/completions", body, args.seconds, args.concurrency))
+                    iterations, busy_after = engine_iterations(vllm_url) - iterations_before, core_busy()
+                    record = measured.setdefault(name, {"rps": [], "iterations": [], "busy": {}})
+                    record["rps"].append(rps)
+                    # The warm-up requests (one per client) ran in the same interval: count them too.
+                    record["iterations"].append(iterations / (rps * args.seconds + args.concurrency))
+                    for core, (busy, total) in busy_after.items():
+                        record["busy"].setdefault(core, []).append((busy - busy_before[core][0]) / (total - busy_before[core][1]))
 
-    print(f"1-token /v1/completions, {args.concurrency} clients, {args.seconds:g} s per path per round, {args.rounds} rounds;"
-          f" vLLM and Ray on core 0, load generator + gateway/nginx on core 1; load average at the end {os.getloadavg()[0]:.2f}")
-    direct = measured["direct"]["rps"]
-    for name, record in measured.items():
-        ratios = [value / base for base, value in zip(direct, record["rps"])]
-        busy = ", ".join(f"{core} {statistics.median(values):.0%}" for core, values in record["busy"].items())
-        print(f"{name:>8}: req/s median {statistics.median(record['rps']):6.1f}, vs direct median {statistics.median(ratios):.3f}"
-              f" per round {[round(r, 2) for r in ratios]}; engine iterations/request median"
-              f" {statistics.median(record['iterations']):.3f} {[round(i, 3) for i in record['iterations']]}; busy: {busy}")
+        print(f"1-token /v1/completions, {args.concurrency} clients, {args.seconds:g} s per path per round, {args.rounds} rounds;"
+              f" vLLM and Ray on core 0, load generator + gateway/nginx on core 1")
+        direct = measured["direct"]["rps"]
+        for name, record in measured.items():
+            ratios = [value / base for base, value in zip(direct, record["rps"])]
+            busy = ", ".join(f"{core} {statistics.median(values):.0%}" for core, values in record["busy"].items())
+            print(f"{name:>8}: req/s median {statistics.median(record['rps']):6.1f}, vs direct median {statistics.median(ratios):.3f}"
+                  f" per round {[round(r, 2) for r in ratios]}; engine iterations/request median"
+                  f" {statistics.median(record['iterations']):.3f} {[round(i, 3) for i in record['iterations']]}; busy: {busy}")
 
 
 if __name__ == "__main__":

@@ -30,14 +30,11 @@ Every measurement alternates the paths so that drift on the shared machine hits 
 Run: .venv/bin/python -m bench.gateway.bench_gateway [--requests 300] [--seconds 5] [--rounds 4] [--concurrency 16]
 """
 
-import argparse
 import asyncio
 import json
 import os
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -46,13 +43,12 @@ from pathlib import Path
 import aiohttp
 import psutil
 
+from bench import harness
 from tests.support.processes import (
     Process, answers, cluster_json, free_ports, gateway_config, serve_spec, start_gateway, start_model_server, start_ray_head,
     write_route,
 )
 from tests.support.tiny_model import build_tiny_llama
-
-ROOT = Path(__file__).resolve().parents[2]
 
 MODEL = "bench-llama"
 GUIDE_PROMPT = "Hello, I am a"
@@ -227,18 +223,15 @@ class TinyVllm:
         return [self.server.proc.pid, self.head.proc.pid]
 
 
-def start_tiny_vllm(work: Path, started: list[Process]) -> TinyVllm:
-    """A Ray head and a tiny Llama on vLLM's CPU build through `node-runtime serve`, each added to
-    `started` as soon as it runs, for the caller to stop whatever happens next."""
+def start_tiny_vllm(work: Path) -> TinyVllm:
+    """A Ray head and a tiny Llama on vLLM's CPU build through `node-runtime serve`."""
     from node_runtime.modelstore.manifest import write_manifest
 
     model_dir = build_tiny_llama(work / "models" / MODEL)
     write_manifest(model_dir, source="local", repo_id=f"bench/{MODEL}", revision="bench")
     head, ray_address = start_ray_head(work)
-    started.append(head)
     spec = serve_spec(model_dir, MODEL, free_ports(1)[0], ray_address, max_num_seqs=64)
     server = start_model_server(spec, work)
-    started.append(server)
     return TinyVllm(head, ray_address, server, f"http://127.0.0.1:{spec['port']}")
 
 
@@ -313,7 +306,7 @@ def summary(headlines: dict[tuple[str, str], dict]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = harness.parser(__doc__)
     parser.add_argument("--requests", type=int, default=300, help="latency: requests per path and endpoint per round")
     parser.add_argument("--seconds", type=float, default=5, help="throughput: seconds per path and workload per round")
     parser.add_argument("--delay-ms", type=float, default=7, help="the delayed fixed upstream's wait (about vLLM's latency here)")
@@ -325,47 +318,39 @@ def main() -> None:
     if len(ALL_CORES) < 2:
         parser.error("the split placement needs at least 2 cores")
 
-    work = Path(tempfile.mkdtemp(prefix="nrb-"))
-    started: list[Process] = []
-    try:
-        vllm = start_tiny_vllm(work, started)
-        fixed, fixed_url = start_fixed_upstream(work)
-        delayed, delayed_url = start_fixed_upstream(work, args.delay_ms)
-        started += [fixed, delayed]
-        upstreams = []
-        for name, short, url, engine in (
-            ("fixed answer at once (the gateway's own cost)", "fixed", fixed_url, [fixed.proc.pid]),
-            (f"fixed answer after {args.delay_ms:g} ms (an idle gateway's cost)", "delayed", delayed_url, [delayed.proc.pid]),
-            ("real vLLM CPU", "vLLM", vllm.url, vllm.engine_pids),
-        ):
-            gateway, gateway_url = gateway_in_front(url, vllm.ray_address, work, max(64, args.batch))
-            started.append(gateway)
-            upstreams.append(Upstream(name, short, url, gateway_url, gateway.proc.pid, engine))
+    with harness.report():
+        with harness.helper_processes("nrb-") as work:
+            vllm = start_tiny_vllm(work)
+            fixed, fixed_url = start_fixed_upstream(work)
+            delayed, delayed_url = start_fixed_upstream(work, args.delay_ms)
+            upstreams = []
+            for name, short, url, engine in (
+                ("fixed answer at once (the gateway's own cost)", "fixed", fixed_url, [fixed.proc.pid]),
+                (f"fixed answer after {args.delay_ms:g} ms (an idle gateway's cost)", "delayed", delayed_url, [delayed.proc.pid]),
+                ("real vLLM CPU", "vLLM", vllm.url, vllm.engine_pids),
+            ):
+                gateway, gateway_url = gateway_in_front(url, vllm.ray_address, work, max(64, args.batch))
+                upstreams.append(Upstream(name, short, url, gateway_url, gateway.proc.pid, engine))
 
-        for round_number in range(args.rounds):
-            swap = bool(round_number % 2)
-            for placement in (reversed(PLACEMENTS) if swap else PLACEMENTS):
-                place(placement, upstreams)
-                for upstream in (reversed(upstreams) if swap else upstreams):
-                    measures = upstream.measures[placement]
-                    asyncio.run(latency_round(upstream, measures, args.requests, args.warmup))
-                    throughput_round(upstream, measures, args.seconds, args.concurrency, swap)
-        place("shared", upstreams)
-        batch_s, loop_s = asyncio.run(batch_vs_loop(upstreams[-1].gateway, args.batch, args.rounds))
-    finally:
-        for process in reversed(started):
-            process.stop()
-        shutil.rmtree(work, ignore_errors=True)
+            for round_number in range(args.rounds):
+                swap = bool(round_number % 2)
+                for placement in (reversed(PLACEMENTS) if swap else PLACEMENTS):
+                    place(placement, upstreams)
+                    for upstream in (reversed(upstreams) if swap else upstreams):
+                        measures = upstream.measures[placement]
+                        asyncio.run(latency_round(upstream, measures, args.requests, args.warmup))
+                        throughput_round(upstream, measures, args.seconds, args.concurrency, swap)
+            place("shared", upstreams)
+            batch_s, loop_s = asyncio.run(batch_vs_loop(upstreams[-1].gateway, args.batch, args.rounds))
 
-    print(f"gateway vs direct, {args.rounds} interleaved rounds, cores {ALL_CORES}; load average at the end"
-          f" {os.getloadavg()[0]:.2f}")
-    headlines = {}
-    for upstream in upstreams:
-        for placement in PLACEMENTS:
-            headlines[(upstream.short, placement)] = report(upstream, placement, upstream.measures[placement], args)
-    summary(headlines)
-    print(f"\n/batch_generate of {args.batch} prompts (16 tokens each) {batch_s:.2f} s vs sequential /generate loop"
-          f" {loop_s:.2f} s -> {loop_s / batch_s:.1f}x faster")
+        print(f"gateway vs direct, {args.rounds} interleaved rounds, cores {ALL_CORES}")
+        headlines = {}
+        for upstream in upstreams:
+            for placement in PLACEMENTS:
+                headlines[(upstream.short, placement)] = report(upstream, placement, upstream.measures[placement], args)
+        summary(headlines)
+        print(f"\n/batch_generate of {args.batch} prompts (16 tokens each) {batch_s:.2f} s vs sequential /generate loop"
+              f" {loop_s:.2f} s -> {loop_s / batch_s:.1f}x faster")
 
 
 if __name__ == "__main__":

@@ -11,18 +11,15 @@ this process holds /dev/cpu_dma_latency at 0, which keeps idle CPUs polling inst
 Run: .venv/bin/python -m bench.gateway.bench_idle [--requests 600] [--blocks 4] [--delay-ms 7] [--no-halt]
 """
 
-import argparse
 import asyncio
 import json
 import os
-import shutil
 import struct
-import tempfile
 from contextlib import contextmanager, nullcontext
-from pathlib import Path
 
 import aiohttp
 
+from bench import harness
 from bench.gateway.bench_gateway import COMPLETION, cpu_seconds, gateway_in_front, percentile, start_fixed_upstream, timed_in_rotation
 
 WARMUP = 50
@@ -47,42 +44,36 @@ async def block(direct: str, gateway: str, count: int) -> dict[str, list[float]]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = harness.parser(__doc__)
     parser.add_argument("--requests", type=int, default=600, help="requests per path per block")
     parser.add_argument("--blocks", type=int, default=4, help="blocks per upstream (per mode with --no-halt)")
     parser.add_argument("--delay-ms", type=float, default=7)
     parser.add_argument("--no-halt", action="store_true", help="also measure with idle CPUs polling (root)")
     args = parser.parse_args()
 
-    work = Path(tempfile.mkdtemp(prefix="nri-"))
-    started = []
     lines = []
-    try:
-        pairs = {}
-        for delay in (0, args.delay_ms):
-            upstream, upstream_url = start_fixed_upstream(work, delay)
-            gateway, gateway_url = gateway_in_front(upstream_url, "127.0.0.1:1", work, 64)  # Ray is never asked here
-            started += [upstream, gateway]
-            pairs[f"answer after {delay:g} ms"] = (upstream_url, upstream.proc.pid, gateway_url, gateway.proc.pid)
-        modes = ["default idle", "idle CPUs polling"] if args.no_halt else ["default idle"]
-        for number in range(args.blocks * len(modes)):
-            mode = modes[number % len(modes)]
-            for name, (upstream_url, upstream_pid, gateway_url, gateway_pid) in pairs.items():
-                before = cpu_seconds(gateway_pid), cpu_seconds(upstream_pid)
-                with idle_cpus_poll() if mode != "default idle" else nullcontext():
-                    times = asyncio.run(block(upstream_url, gateway_url, args.requests))
-                gateway_cpu, upstream_cpu = cpu_seconds(gateway_pid) - before[0], cpu_seconds(upstream_pid) - before[1]
-                per_path = args.requests + WARMUP
-                added = (percentile(times["gateway"], 50) - percentile(times["direct"], 50)) * 1e3
-                lines.append(f"{name:>18}, {mode:<17}: p50 direct {percentile(times['direct'], 50) * 1e3:6.3f} ms, added {added:.3f} ms;"
-                             f" CPU per request: gateway {gateway_cpu / per_path * 1e6:4.0f} us,"
-                             f" upstream {upstream_cpu / (2 * per_path) * 1e6:4.0f} us")
-    finally:
-        for process in reversed(started):
-            process.stop()
-        shutil.rmtree(work, ignore_errors=True)
-    print(f"one request at a time, {args.requests} per path per block, {args.blocks} blocks per upstream and mode; load average {os.getloadavg()[0]:.2f}")
-    print("\n".join(lines))
+    with harness.report():
+        with harness.helper_processes("nri-") as work:
+            pairs = {}
+            for delay in (0, args.delay_ms):
+                upstream, upstream_url = start_fixed_upstream(work, delay)
+                gateway, gateway_url = gateway_in_front(upstream_url, "127.0.0.1:1", work, 64)  # Ray is never asked here
+                pairs[f"answer after {delay:g} ms"] = (upstream_url, upstream.proc.pid, gateway_url, gateway.proc.pid)
+            modes = ["default idle", "idle CPUs polling"] if args.no_halt else ["default idle"]
+            for number in range(args.blocks * len(modes)):
+                mode = modes[number % len(modes)]
+                for name, (upstream_url, upstream_pid, gateway_url, gateway_pid) in pairs.items():
+                    before = cpu_seconds(gateway_pid), cpu_seconds(upstream_pid)
+                    with idle_cpus_poll() if mode != "default idle" else nullcontext():
+                        times = asyncio.run(block(upstream_url, gateway_url, args.requests))
+                    gateway_cpu, upstream_cpu = cpu_seconds(gateway_pid) - before[0], cpu_seconds(upstream_pid) - before[1]
+                    per_path = args.requests + WARMUP
+                    added = (percentile(times["gateway"], 50) - percentile(times["direct"], 50)) * 1e3
+                    lines.append(f"{name:>18}, {mode:<17}: p50 direct {percentile(times['direct'], 50) * 1e3:6.3f} ms, added {added:.3f} ms;"
+                                 f" CPU per request: gateway {gateway_cpu / per_path * 1e6:4.0f} us,"
+                                 f" upstream {upstream_cpu / (2 * per_path) * 1e6:4.0f} us")
+        print(f"one request at a time, {args.requests} per path per block, {args.blocks} blocks per upstream and mode")
+        print("\n".join(lines))
 
 
 if __name__ == "__main__":

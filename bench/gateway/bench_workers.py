@@ -10,17 +10,13 @@ gateway's capacity where the upstream is not the limit.
 Run: .venv/bin/python -m bench.gateway.bench_workers [--workers 1 2] [--seconds 5] [--rounds 4] [--concurrency 64]
 """
 
-import argparse
 import asyncio
 import json
-import os
-import shutil
 import statistics
-import tempfile
-from pathlib import Path
 
 import psutil
 
+from bench import harness
 from bench.gateway.bench_gateway import (
     ALL_CORES, COMPLETION, cpu_seconds, gateway_in_front, requests_per_second, start_fixed_upstream, start_tiny_vllm,
 )
@@ -38,53 +34,46 @@ def tree_cpu_seconds(pid: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = harness.parser(__doc__)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--seconds", type=float, default=5)
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--concurrency", type=int, default=64)
     args = parser.parse_args()
 
-    work = Path(tempfile.mkdtemp(prefix="nrw-"))
-    started = []
     results = {}  # upstream -> path -> (req/s per round, gateway CPU s, requests)
     body = json.dumps(COMPLETION).encode()
-    try:
-        vllm = start_tiny_vllm(work, started)
-        fixed, fixed_url = start_fixed_upstream(work)
-        started.append(fixed)
-        for upstream, url in (("fixed answer", fixed_url), ("real vLLM CPU", vllm.url)):
-            paths = {"direct": (url, None)}
-            for workers in args.workers:
-                gateway, gateway_url = gateway_in_front(url, vllm.ray_address, work, 64, workers)
-                started.append(gateway)
-                paths[f"{workers} worker{'s' if workers > 1 else ''}"] = (gateway_url, gateway.proc.pid)
-            measured = results[upstream] = {name: ([], 0.0, 0) for name in paths}
-            order = list(paths)
-            for round_number in range(args.rounds):
-                shift = round_number % len(order)
-                for name in order[shift:] + order[:shift]:
-                    target, pid = paths[name]
-                    cpu_before = tree_cpu_seconds(pid) if pid else 0.0
-                    rps, _, sent = asyncio.run(requests_per_second(target + "/v1/completions", body, args.seconds, args.concurrency))
-                    per_round, cpu, requests = measured[name]
-                    per_round.append(rps)
-                    measured[name] = (per_round, cpu + (tree_cpu_seconds(pid) - cpu_before if pid else 0.0), requests + sent)
-    finally:
-        for process in reversed(started):
-            process.stop()
-        shutil.rmtree(work, ignore_errors=True)
+    with harness.report():
+        with harness.helper_processes("nrw-") as work:
+            vllm = start_tiny_vllm(work)
+            _, fixed_url = start_fixed_upstream(work)
+            for upstream, url in (("fixed answer", fixed_url), ("real vLLM CPU", vllm.url)):
+                paths = {"direct": (url, None)}
+                for workers in args.workers:
+                    gateway, gateway_url = gateway_in_front(url, vllm.ray_address, work, 64, workers)
+                    paths[f"{workers} worker{'s' if workers > 1 else ''}"] = (gateway_url, gateway.proc.pid)
+                measured = results[upstream] = {name: ([], 0.0, 0) for name in paths}
+                order = list(paths)
+                for round_number in range(args.rounds):
+                    shift = round_number % len(order)
+                    for name in order[shift:] + order[:shift]:
+                        target, pid = paths[name]
+                        cpu_before = tree_cpu_seconds(pid) if pid else 0.0
+                        rps, _, sent = asyncio.run(requests_per_second(target + "/v1/completions", body, args.seconds, args.concurrency))
+                        per_round, cpu, requests = measured[name]
+                        per_round.append(rps)
+                        measured[name] = (per_round, cpu + (tree_cpu_seconds(pid) - cpu_before if pid else 0.0), requests + sent)
 
-    print(f"1-token /v1/completions, {args.concurrency} clients, {args.seconds:g} s per path per round, {args.rounds} rounds,"
-          f" cores {ALL_CORES} shared by all; load average at the end {os.getloadavg()[0]:.2f}")
-    for upstream, measured in results.items():
-        print(f"\n== upstream: {upstream}")
-        direct = measured["direct"][0]
-        for name, (per_round, cpu, requests) in measured.items():
-            ratios = [g / d for d, g in zip(direct, per_round)]
-            cpu_note = f", gateway CPU {cpu / requests * 1e6:.0f} us/request" if requests and cpu else ""
-            print(f"{name:>10}: req/s median {statistics.median(per_round):8.1f}, per round {[round(r, 1) for r in per_round]};"
-                  f" vs direct median {statistics.median(ratios):.3f}{cpu_note}")
+        print(f"1-token /v1/completions, {args.concurrency} clients, {args.seconds:g} s per path per round, {args.rounds} rounds,"
+              f" cores {ALL_CORES} shared by all")
+        for upstream, measured in results.items():
+            print(f"\n== upstream: {upstream}")
+            direct = measured["direct"][0]
+            for name, (per_round, cpu, requests) in measured.items():
+                ratios = [g / d for d, g in zip(direct, per_round)]
+                cpu_note = f", gateway CPU {cpu / requests * 1e6:.0f} us/request" if requests and cpu else ""
+                print(f"{name:>10}: req/s median {statistics.median(per_round):8.1f}, per round {[round(r, 1) for r in per_round]};"
+                      f" vs direct median {statistics.median(ratios):.3f}{cpu_note}")
 
 
 if __name__ == "__main__":

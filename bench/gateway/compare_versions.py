@@ -12,19 +12,17 @@ Run: .venv/bin/python -m bench.gateway.compare_versions [--old HEAD] [--requests
          [--variant 'access log={"access_log_percent": 100}']
 """
 
-import argparse
 import asyncio
 import json
 import os
-import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
 import aiohttp
 
+from bench import harness
 from bench.gateway.bench_gateway import (
-    COMPLETION, GENERATE, ROOT, cpu_seconds, gateway_in_front, percentile, start_fixed_upstream, timed_in_rotation,
+    COMPLETION, GENERATE, cpu_seconds, gateway_in_front, percentile, start_fixed_upstream, timed_in_rotation,
 )
 
 # (label, gateway path, body): the direct counterpart is always the same /v1/completions request.
@@ -37,7 +35,7 @@ ENDPOINTS = [
 
 def archive(ref: str, into: Path) -> Path:
     """The runtime package as it is at `ref`."""
-    tar = subprocess.run(["git", "-C", str(ROOT), "archive", ref, "images/runtime"], check=True, capture_output=True).stdout
+    tar = subprocess.run(["git", "-C", str(harness.ROOT), "archive", ref, "images/runtime"], check=True, capture_output=True).stdout
     into.mkdir(parents=True)
     subprocess.run(["tar", "-x", "-C", str(into)], input=tar, check=True)
     return into / "images" / "runtime"
@@ -63,7 +61,7 @@ async def rotate(direct: str, gateways: dict[str, tuple[str, int]], count: int, 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = harness.parser(__doc__)
     parser.add_argument("--old", default="HEAD", help="git ref of the old version")
     parser.add_argument("--requests", type=int, default=1500, help="requests per path and endpoint")
     parser.add_argument("--warmup", type=int, default=100)
@@ -72,11 +70,8 @@ def main() -> None:
     args = parser.parse_args()
     variants = [(name, json.loads(keys)) for name, _, keys in (variant.partition("=") for variant in args.variant)]
 
-    work = Path(tempfile.mkdtemp(prefix="nrc-"))
-    started = []
-    try:
-        fixed, fixed_url = start_fixed_upstream(work)
-        started.append(fixed)
+    with harness.report(), harness.helper_processes("nrc-") as work:
+        _, fixed_url = start_fixed_upstream(work)
         gateways = {}
         versions = [(f"old ({args.old})", archive(args.old, work / "old"), {}), ("new (working tree)", None, {})]
         for name, package, extra in versions + [(name, None, keys) for name, keys in variants]:
@@ -86,14 +81,9 @@ def main() -> None:
             # Ray is never asked here; a version before route files takes its replica in the config.
             route_files = package is None or (package / "node_runtime/serving/gateway/route_files.py").exists()
             gateway, url = gateway_in_front(fixed_url, "127.0.0.1:1", work, 64, route_files=route_files, extra=extra)
-            started.append(gateway)
             gateways[name] = (url, gateway.proc.pid)
         os.environ.pop("PYTHONPATH", None)
         asyncio.run(rotate(fixed_url, gateways, args.requests, args.warmup))
-    finally:
-        for process in reversed(started):
-            process.stop()
-        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -14,13 +14,13 @@ Every copy starts from empty destinations. Run as root from the repo root:
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import sys
 import time
 from pathlib import Path
 
+from bench import harness
 from tests.support.netns import simulated_hosts
 
 MODEL_ROOT = "/srv/bench-model-sync"
@@ -29,14 +29,15 @@ CLI = [sys.executable, "-m", "node_runtime.modelstore.cli"]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = harness.parser(__doc__)
     parser.add_argument("--rate", default="100mbit", help="tc rate of every host link (each direction)")
     parser.add_argument("--mib", type=int, default=48, help="model size in MiB (4 shards)")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4], choices=[1, 2, 3, 4], help="values of N to run")
     args = parser.parse_args()
     workdir = Path("/tmp/bench-model-sync")
     shutil.rmtree(workdir, ignore_errors=True)
-    with simulated_hosts(5, workdir=workdir, subnet="10.78.0.0/24", prefix="bms", private_dirs=[MODEL_ROOT], rate=args.rate) as cluster:
+    with harness.report(), simulated_hosts(5, workdir=workdir, subnet="10.78.0.0/24", prefix="bms", private_dirs=[MODEL_ROOT],
+                                           rate=args.rate) as cluster:
         head, workers = cluster.hosts[0], cluster.hosts[1:]
         model = head.private_dirs[MODEL_ROOT] / "bench-model"
         model.mkdir(parents=True)
@@ -70,7 +71,7 @@ def main() -> None:
             return argv
 
         one_copy = timed([rsync(workers[0])])
-        print(f"model {args.mib} MiB in 4 shards, links {args.rate} each way, 2-core machine")
+        print(f"model {args.mib} MiB in 4 shards, links {args.rate} each way")
         print(f"one plain copy (rsync to 1 worker): {one_copy:.2f} s")
         print(f"{'N':>2}  {'sequential rsync':>17}  {'ratio':>6}  {'node-runtime sync':>18}  {'ratio':>6}  {'re-sync, up to date':>20}")
         for n in args.workers:

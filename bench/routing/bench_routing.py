@@ -24,13 +24,11 @@ Run: .venv/bin/python -m bench.routing.bench_routing [--replicas 1,2,4,8] [--rou
      (vllm-router from PATH or --vllm-router; see bench/routing/README.md)
 """
 
-import argparse
 import asyncio
 import os
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -38,6 +36,7 @@ from pathlib import Path
 
 import psutil
 
+from bench import harness
 from bench.gateway.bench_gateway import cpu_seconds, percentile
 from bench.routing.loadgen import Outcome, closed_loop, request_mix
 from tests.support.processes import (
@@ -280,7 +279,7 @@ def targets(headlines: dict[tuple[int, str], dict[str, Headline]]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = harness.parser(__doc__)
     parser.add_argument("--replicas", default="1,2,4,8", help="replica counts, comma-separated")
     parser.add_argument("--slots", type=int, default=16, help="concurrent requests per engine")
     parser.add_argument("--token-ms", type=float, default=10, help="time per token of a uniform engine")
@@ -319,50 +318,40 @@ def main() -> None:
         if n > 1:
             replica_sets.append(ReplicaSet("mixed", [slow, *fast[:n - 1]], round(args.load * n * args.slots)))
 
-    work = Path(tempfile.mkdtemp(prefix="nrr-"))
-    started: list[Process] = []
-    try:
-        engines = start_engines([*fast, slow], args.engine_process_each, work)
-        started += engines
-        ray_address = None
-        if GATEWAY in paths or TWO_HOPS in paths:
-            head, ray_address = start_ray_head(work)
-            started.append(head)
-        for replica_set in replica_sets:
-            for path in paths:
-                if P2C in path and len(replica_set.engines) == 1:
-                    continue  # vllm-router refuses to start: "Power-of-two policy requires at least 2 workers"
-                if path == "direct":
-                    replica_set.routes[path] = ([engine.url for engine in replica_set.engines], [])
-                    continue
-                if path == GATEWAY:
-                    router, url = start_gateway_pool([engine.url for engine in replica_set.engines], ray_address, work)
-                elif path == TWO_HOPS:
-                    router, url = start_gateway_pool(replica_set.routes[P2C][0], ray_address, work)
-                else:
-                    router, url = start_vllm_router(args.vllm_router, replica_set, path.split()[1], work)
-                started.append(router)
-                pids = [router.proc.pid, *(replica_set.routes[P2C][1] if path == TWO_HOPS else [])]
-                replica_set.routes[path] = ([url], pids)
-        for round_number in range(args.rounds):
-            for replica_set in rotated(replica_sets, round_number):
-                for path in rotated(list(replica_set.routes), round_number):
-                    measure(replica_set, path, [engine.proc.pid for engine in engines], mix, args)
-    finally:
-        for process in reversed(started):
-            process.stop()
-        shutil.rmtree(work, ignore_errors=True)
+    with harness.report():
+        with harness.helper_processes("nrr-") as work:
+            engines = start_engines([*fast, slow], args.engine_process_each, work)
+            ray_address = None
+            if GATEWAY in paths or TWO_HOPS in paths:
+                _, ray_address = start_ray_head(work)
+            for replica_set in replica_sets:
+                for path in paths:
+                    if P2C in path and len(replica_set.engines) == 1:
+                        continue  # vllm-router refuses to start: "Power-of-two policy requires at least 2 workers"
+                    if path == "direct":
+                        replica_set.routes[path] = ([engine.url for engine in replica_set.engines], [])
+                        continue
+                    if path == GATEWAY:
+                        router, url = start_gateway_pool([engine.url for engine in replica_set.engines], ray_address, work)
+                    elif path == TWO_HOPS:
+                        router, url = start_gateway_pool(replica_set.routes[P2C][0], ray_address, work)
+                    else:
+                        router, url = start_vllm_router(args.vllm_router, replica_set, path.split()[1], work)
+                    pids = [router.proc.pid, *(replica_set.routes[P2C][1] if path == TWO_HOPS else [])]
+                    replica_set.routes[path] = ([url], pids)
+            for round_number in range(args.rounds):
+                for replica_set in rotated(replica_sets, round_number):
+                    for path in rotated(list(replica_set.routes), round_number):
+                        measure(replica_set, path, [engine.proc.pid for engine in engines], mix, args)
 
-    print(f"routing: {args.rounds} interleaved rounds of {args.warmup:g} s warm-up + {args.seconds:g} s measured per path;"
-          f" {args.load:g} client(s) per slot; max_tokens uniform in [{args.min_tokens}, {args.max_tokens}]"
-          f" (mean {mean_tokens:.1f}), {args.stream_share:.0%} streamed, seed {args.seed};"
-          f" engines {'one process each' if args.engine_process_each else 'in one process'};"
-          f" load average at the end {os.getloadavg()[0]:.2f}")
-    headlines = {(len(rs.engines), rs.speed): report(rs, mean_tokens) for rs in replica_sets}
-    summary(headlines)
-    if all(GATEWAY in by_path for by_path in headlines.values()):
-        targets(headlines)
-
+        print(f"routing: {args.rounds} interleaved rounds of {args.warmup:g} s warm-up + {args.seconds:g} s measured per path;"
+              f" {args.load:g} client(s) per slot; max_tokens uniform in [{args.min_tokens}, {args.max_tokens}]"
+              f" (mean {mean_tokens:.1f}), {args.stream_share:.0%} streamed, seed {args.seed};"
+              f" engines {'one process each' if args.engine_process_each else 'in one process'}")
+        headlines = {(len(rs.engines), rs.speed): report(rs, mean_tokens) for rs in replica_sets}
+        summary(headlines)
+        if all(GATEWAY in by_path for by_path in headlines.values()):
+            targets(headlines)
 
 if __name__ == "__main__":
     main()

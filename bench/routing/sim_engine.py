@@ -147,6 +147,8 @@ async def app(scope, receive, send):
 
 
 def main() -> None:
+    # Not bench.harness.parser: bench_routing runs this file by its path, where the bench package is not
+    # importable, and an engine is a helper of a bench, with no report of its own.
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="the served model name (requests naming another get vLLM's 404)")
     parser.add_argument("--engine", type=parse_engine, action="append", required=True, metavar="PORT:SLOTS:MS_PER_TOKEN")
