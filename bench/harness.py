@@ -25,9 +25,7 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from unittest import mock
-
-from tests.support.processes import Process
+from tests.support.processes import each_started
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,20 +41,13 @@ def helper_processes(prefix: str) -> Iterator[Path]:
     vLLM, gateways, upstreams, routers) is stopped when the block ends or fails, the last started first,
     each by its own process group; then the directory is removed.
 
-    Process.start itself is what registers a process: the start_* helpers of tests/support start a
-    process and then wait for it to answer, so one whose wait times out never reaches the caller, and
-    would otherwise keep running (and keep loading the shared machine) after the bench has failed.
+    A process is registered as it starts (processes.each_started), so one whose readiness wait times
+    out is stopped too instead of loading the shared machine after the bench has failed.
     """
     with ExitStack() as stack:
         work = Path(tempfile.mkdtemp(prefix=prefix))
         stack.callback(shutil.rmtree, work, ignore_errors=True)
-        start = Process.start
-
-        def start_and_stop_at_exit(process: Process) -> None:
-            start(process)
-            stack.callback(process.stop)
-
-        stack.enter_context(mock.patch.object(Process, "start", start_and_stop_at_exit))
+        stack.enter_context(each_started(lambda process: stack.callback(process.stop)))
         yield work
 
 

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -34,6 +35,21 @@ def free_ports(count: int) -> list[int]:
     return ports
 
 
+_on_start: list[Callable[["Process"], None]] = []
+
+
+@contextmanager
+def each_started(callback: Callable[["Process"], None]) -> Iterator[None]:
+    """callback(process) for every Process started inside the block, as soon as it has started: the
+    start_* helpers below start a process and then wait for it to answer, so one whose wait fails never
+    reaches their caller, who could otherwise not stop it."""
+    _on_start.append(callback)
+    try:
+        yield
+    finally:
+        _on_start.remove(callback)
+
+
 class Process:
     """A child in its own session, with its output in a log file for failure messages."""
 
@@ -46,6 +62,8 @@ class Process:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(self.argv, env=self.env, stdout=log, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, start_new_session=True)
+        for callback in list(_on_start):
+            callback(self)
 
     def tail(self, lines: int = 30) -> str:
         text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
