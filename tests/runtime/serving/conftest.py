@@ -92,7 +92,8 @@ def routes_dir(work_dir, model_server) -> Path:
 def gateway(routes_dir, ray_head, work_dir):
     """`node-runtime gateway` as the container runs it (no API key, as in the guide) in front of the real server."""
     port = free_ports(1)[0]
-    config = gateway_config(port, [MODEL_NAME], routes_dir, ray_head, max_batch_size=8, request_timeout_s=120)
+    # max_n: test_vllm_stops_generating_when_a_stream_client_hangs_up asks for 10 x the server's max_num_seqs
+    config = gateway_config(port, [MODEL_NAME], routes_dir, ray_head, max_batch_size=8, request_timeout_s=120, max_n=512)
     process = start_gateway(config, work_dir, api_key=None, internal_key=INTERNAL_KEY)
     yield Gateway(f"http://127.0.0.1:{port}", None, config)
     process.stop()
