@@ -143,9 +143,22 @@ async def _send(state: GatewayState, scope: dict, model: str, path: str, body: b
         return replica, response, started
 
 
-async def _whole_answer(replica: Replica, response: aiohttp.ClientResponse, started: float) -> bytes:
+class AnswerCut(Exception):
+    """A replica closed its connection before its answer's end (it died mid-answer) and left its pool."""
+
+
+async def _whole_answer(replica: Replica, response: aiohttp.ClientResponse, started: float, *,
+                        pools_left_when_cut: Pools | None = None) -> bytes:
+    """The answer's body, its call ended however it goes. Cut short, it is a failed call, or with
+    `pools_left_when_cut` AnswerCut: the replica leaves its pool and the caller may send the call again."""
     try:
         return await response.read()
+    except aiohttp.ClientPayloadError as cut:
+        if pools_left_when_cut is None:
+            raise call_failed(replica, cut, answer_started=True) from None
+        replica.failed("protocol")
+        pools_left_when_cut.set_problem(replica, f"broke off an answer ({type(cut).__name__})")
+        raise AnswerCut() from None
     except FAILED as broken:
         raise call_failed(replica, broken, answer_started=True) from None
     finally:
@@ -155,25 +168,14 @@ async def _whole_answer(replica: Replica, response: aiohttp.ClientResponse, star
 
 async def _send_for_whole_answer(state: GatewayState, scope: dict, model: str, path: str,
                                  body: bytes) -> tuple[aiohttp.ClientResponse, bytes]:
-    """A non-streaming call and its whole answer. A replica whose connection closes before its answer's
-    end (it died mid-answer) leaves its pool, and the call goes once to another replica: nothing of the
-    answer has reached the client yet."""
-    failed = None
-    while True:
-        replica, response, started = await _send(state, scope, model, path, body, failed)
-        try:
-            return response, await response.read()
-        except aiohttp.ClientPayloadError as cut:
-            if failed is not None:
-                raise call_failed(replica, cut, answer_started=True) from None
-            replica.failed("protocol")
-            state.pools.set_problem(replica, f"broke off an answer ({type(cut).__name__})")
-            failed = replica
-        except FAILED as broken:
-            raise call_failed(replica, broken, answer_started=True) from None
-        finally:
-            response.release()
-            replica.end(started)
+    """A non-streaming call and its whole answer, sent once more to another replica when the first
+    breaks off its answer: nothing of the answer has reached the client yet."""
+    replica, response, started = await _send(state, scope, model, path, body)
+    try:
+        return response, await _whole_answer(replica, response, started, pools_left_when_cut=state.pools)
+    except AnswerCut:
+        replica, response, started = await _send(state, scope, model, path, body, failed=replica)
+        return response, await _whole_answer(replica, response, started)
 
 
 async def post_upstream(state: GatewayState, scope: dict, model: str, path: str, body: bytes) -> tuple[int, bytes]:
