@@ -6,9 +6,8 @@ Three ways, by stack config:
 - `imageRegistry`: pushed there from the head, pulled by digest on every node (the registry's own
   layer reuse applies).
 - relay (`imageTransfer: relay`, the default): the head serves the image on its loopback
-  (node_runtime.imagerelay, from the node image itself), put there by `docker save` into the relay's
-  import (layers uncompressed: no gzip on the head's cores); each worker pulls by digest through an
-  ssh tunnel the head opens with its relay key to the worker's own 127.0.0.1 (Docker trusts a loopback
+  (node_runtime.imagerelay, from the node image itself); each worker pulls by digest through an ssh
+  tunnel the head opens with its relay key to the worker's own 127.0.0.1 (Docker trusts a loopback
   registry without TLS). Only the layers a worker lacks move: the vendor base once, afterwards our
   runtime layer per change.
   With `nodesPullBase`, every node pulls the vendor base from its registry itself and the relay
@@ -144,38 +143,19 @@ def claim_base_script(plan: Plan, image: str) -> str:
 
 
 def push_script(plan: Plan, image: str, tag: str) -> str:
-    """On the head: put `image` in the relay; prints the reference every host then knows it by
-    (relay/repository@digest). Only the layers the relay lacks are written: `docker save` into the
-    relay's `import`, uncompressed (docker push would gzip every layer on one core each: see
-    node_runtime.imagerelay); with nodesPullBase, `docker push`, which names the base's claimed
-    layers and sends only ours."""
+    """On the head: push `image` to the relay; prints the reference every host then knows it by
+    (relay/repository@digest). Docker sends only the layers the relay lacks."""
     address, port = relay_address(plan), plan.config.image_relay_port
-    ready = [
+    target = f"{address}/{RELAY_REPOSITORY}:{tag}"
+    return _bash("\n".join([
         # The relay container was just (re)started: give it a moment to listen.
         "for _ in $(seq 60); do (exec 3<>/dev/tcp/127.0.0.1/" + str(port) + ") 2>/dev/null && break; sleep 0.5; done",
         f"(exec 3<>/dev/tcp/127.0.0.1/{port}) 2>/dev/null || {{ echo 'the image relay does not listen on {address}: "
         f"docker logs {plan.container_name('image-relay')} on the head (is imageRelayPort {port} taken?)' >&2; exit 1; }}",
-    ]
-    if plan.config.nodes_pull_base:
-        target = f"{address}/{RELAY_REPOSITORY}:{tag}"
-        return _bash("\n".join([
-            *ready,
-            f"docker tag {shlex.quote(image)} {shlex.quote(target)}",
-            f"docker push {shlex.quote(target)} >&2",
-            f"docker image inspect --format '{{{{range .RepoDigests}}}}{{{{println .}}}}{{{{end}}}}' {shlex.quote(target)}"
-            f" | grep -m1 {shlex.quote('^' + address + '/' + RELAY_REPOSITORY + '@')}",
-        ]))
-    data_root = plan.config.data_root
-    importer = shlex.join(["docker", "run", "--rm", "-i", "--network", "none", "-v", f"{data_root}:{data_root}", image,
-                           "python3", "-m", "node_runtime.imagerelay", "import", "--root", relay_dir(plan),
-                           "--repository", RELAY_REPOSITORY, "--tag", tag])
-    save = f"docker save {shlex.quote(image)}"
-    return _bash("\n".join([
-        *ready,
-        f"layers=$(docker image inspect --format '{{{{join .RootFS.Layers \",\"}}}}' {shlex.quote(image)})",
-        # A new layer of a stored layer's size is only hashed the first time (the import says so): once more, writing all.
-        f'digest=$({save} | {importer} --layers "$layers") || digest=$({save} | {importer} --layers "$layers" --write-all)',
-        f'echo "{address}/{RELAY_REPOSITORY}@$digest"',
+        f"docker tag {shlex.quote(image)} {shlex.quote(target)}",
+        f"docker push {shlex.quote(target)} >&2",
+        f"docker image inspect --format '{{{{range .RepoDigests}}}}{{{{println .}}}}{{{{end}}}}' {shlex.quote(target)}"
+        f" | grep -m1 {shlex.quote('^' + address + '/' + RELAY_REPOSITORY + '@')}",
     ]))
 
 

@@ -95,13 +95,10 @@ class NodeImage(pulumi.ComponentResource):
                     parent=self,
                     depends_on=placed,
                 ))
-            # Each host knows the image by the name it got it under: the head by the one it built (the
-            # relay's import, unlike a push, gives the head's engine no relay digest), a worker by the reference.
-            known_as = built.image_name if host is head else self.reference
             inspected = host.command(
                 f"{name}-{host.label}-id",
-                known_as.apply(inspect_id_script),
-                triggers=[known_as],
+                self.reference.apply(inspect_id_script),
+                triggers=[self.reference],
                 parent=self,
                 depends_on=placed,
             )

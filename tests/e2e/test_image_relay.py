@@ -21,7 +21,6 @@ from pathlib import Path
 import httpx
 import pytest
 
-from node_runtime import imagerelay
 from tests.e2e.node_image import local_registry
 from tests.support.docker_hosts import engine
 
@@ -106,105 +105,6 @@ def test_push_and_pull_move_only_the_layers_missing(relay, tmp_path):
         pushed, pulled = _relayed(head, worker, "node:2", address, "two")
         assert pushed.count("Pushed") == 1 and pushed.count("Layer already exists") == 1, pushed
         assert pulled.count("Already exists") == 1 and pulled.count("Pull complete") == 1, pulled
-
-
-def _imported(head, image: str, root: Path, tag: str, **options) -> tuple[str, dict[str, tuple[int, int]]]:
-    """`docker save image | import` into the relay's store (in this process, so the tests may shrink its
-    limits): the manifest digest, and each blob's (inode, mtime) afterwards."""
-    layers = head.docker("image", "inspect", "--format", "{{json .RootFS.Layers}}", image).stdout
-    saved = subprocess.Popen(["docker", "-H", head.url, "save", image], stdout=subprocess.PIPE)
-    try:
-        digest = imagerelay.import_saved(imagerelay.Store(root), saved.stdout, "node", tag, json.loads(layers), **options)
-    finally:
-        saved.stdout.close()
-        saved.wait(timeout=60)
-    blobs = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (root / "blobs" / "sha256").iterdir()}
-    return digest, blobs
-
-
-def test_imported_layers_are_pulled_uncompressed_and_a_change_writes_only_the_new_layer(relay, tmp_path):
-    """What the program does (push_script): `docker save | import`, no gzip; the worker's engine pulls the
-    uncompressed layers by digest and holds the head's image ID; the next image writes only its new layer."""
-    address, root = relay
-    with engine("air-import-head", state_dir=tmp_path / "head") as head, \
-            engine("air-import-worker", state_dir=tmp_path / "worker") as worker:
-        base_layer = os.urandom(imagerelay.LARGE_LAYER + 1_000_000)  # large: the next import only hashes it
-        head.docker("import", "-", "vendor/base:1", input=_tar({"opt/vendor/lib.so": base_layer}), text=False)
-        context = tmp_path / "context"
-        context.mkdir()
-        (context / "Dockerfile").write_text("FROM vendor/base:1\nCOPY top /opt/runtime/top\n")
-        _build(head, context, "node:1", os.urandom(400_000))
-        digest, before = _imported(head, "node:1", root, "imported-one")
-        manifest = httpx.get(f"http://{address}/v2/node/manifests/imported-one",
-                             headers={"Accept": imagerelay.MANIFEST_V2}).json()
-        diff_ids = json.loads(head.docker("image", "inspect", "--format", "{{json .RootFS.Layers}}", "node:1").stdout)
-        assert [layer["digest"] for layer in manifest["layers"]] == diff_ids
-        assert {layer["mediaType"] for layer in manifest["layers"]} == {imagerelay.UNCOMPRESSED_LAYER}
-        pulled = worker.docker("pull", f"{address}/node@{digest}").stdout
-        assert pulled.count("Pull complete") == 2, pulled
-        assert _image_id(worker, f"{address}/node@{digest}") == _image_id(head, "node:1")
-
-        _build(head, context, "node:2", os.urandom(400_000))
-        digest, after = _imported(head, "node:2", root, "imported-two")
-        base = diff_ids[0].removeprefix("sha256:")
-        assert after[base] == before[base], "the base layer was written again"
-        top = json.loads(head.docker("image", "inspect", "--format", "{{json .RootFS.Layers}}", "node:2").stdout)[-1]
-        new = {top, _image_id(head, "node:2"), digest}  # our new layer, the image config, the manifest
-        assert set(after) - set(before) == {d.removeprefix("sha256:") for d in new} | {digest[7:] + ".type"}
-        pulled = worker.docker("pull", f"{address}/node@{digest}").stdout
-        assert pulled.count("Already exists") == 1 and pulled.count("Pull complete") == 1, pulled
-        assert _image_id(worker, f"{address}/node@{digest}") == _image_id(head, "node:2")
-
-
-def test_a_new_layer_of_a_stored_layers_size_is_imported_on_the_second_pass(relay, tmp_path, monkeypatch):
-    """Docker's legacy `docker save` layout names a layer's digest only after all the layers: a large layer
-    of the size of one already here is hashed without being written, and if it turns out new, the import
-    says so (the CLI's exit status 75) and a second pass with write_all stores it."""
-    _, root = relay
-    monkeypatch.setattr(imagerelay, "IN_MEMORY", 16_384)
-    monkeypatch.setattr(imagerelay, "LARGE_LAYER", 32_768)
-    with engine("air-import-size", state_dir=tmp_path / "head") as head:
-        head.docker("import", "-", "sized:1", input=_tar({"opt/data": os.urandom(100_000)}), text=False)
-        head.docker("import", "-", "sized:2", input=_tar({"opt/data": os.urandom(100_000)}), text=False)
-        _imported(head, "sized:1", root, "sized-one")
-        # sized:2's only layer has sized:1's size; claim sized:1's diff ID as its own to make the size known.
-        first = json.loads(head.docker("image", "inspect", "--format", "{{json .RootFS.Layers}}", "sized:1").stdout)
-        second = json.loads(head.docker("image", "inspect", "--format", "{{json .RootFS.Layers}}", "sized:2").stdout)
-        saved = head.docker("save", "sized:2", text=False).stdout
-        with pytest.raises(imagerelay.SameSizeNewLayer):
-            imagerelay.import_saved(imagerelay.Store(root), io.BytesIO(saved), "node", "sized-two", first + second)
-        assert not (root / "blobs" / "sha256" / second[0].removeprefix("sha256:")).exists()
-        digest = imagerelay.import_saved(imagerelay.Store(root), io.BytesIO(saved), "node", "sized-two", first + second,
-                                         write_all=True)
-        assert (root / "blobs" / "sha256" / second[0].removeprefix("sha256:")).is_file()
-        assert imagerelay.Store(root).manifest("node", "sized-two")[0] == digest
-
-
-def test_an_oci_layout_layer_already_stored_is_not_read_again(tmp_path, monkeypatch):
-    """Docker 25 and later save in OCI's layout, where a layer's path is its digest."""
-    monkeypatch.setattr(imagerelay, "IN_MEMORY", 1024)
-    layer = _tar({"opt/data": os.urandom(50_000)})
-    layer_digest = "sha256:" + hashlib.sha256(layer).hexdigest()
-    config = json.dumps({"architecture": "amd64", "os": "linux",
-                         "rootfs": {"type": "layers", "diff_ids": [layer_digest]}}).encode()
-    config_path = "blobs/sha256/" + hashlib.sha256(config).hexdigest()
-    layer_path = "blobs/sha256/" + layer_digest[7:]
-    saved = _tar({"oci-layout": b'{"imageLayoutVersion": "1.0.0"}', layer_path: layer, config_path: config,
-                  "manifest.json": json.dumps([{"Config": config_path, "Layers": [layer_path]}]).encode()})
-    store = imagerelay.Store(tmp_path / "relay")
-    first = imagerelay.import_saved(store, io.BytesIO(saved), "node", "oci", [layer_digest])
-    stored = store.blob(layer_digest).stat()
-    assert imagerelay.import_saved(store, io.BytesIO(saved), "node", "oci", [layer_digest]) == first
-    assert (store.blob(layer_digest).stat().st_ino, store.blob(layer_digest).stat().st_mtime_ns) == \
-        (stored.st_ino, stored.st_mtime_ns)
-    manifest = json.loads(store.manifest("node", "oci")[1])
-    assert manifest["layers"] == [{"mediaType": imagerelay.UNCOMPRESSED_LAYER, "size": len(layer), "digest": layer_digest}]
-
-
-def test_import_refuses_what_is_not_one_images_docker_save_stream(relay):
-    _, root = relay
-    with pytest.raises(ValueError, match="not the `docker save` stream of one image"):
-        imagerelay.import_saved(imagerelay.Store(root), io.BytesIO(_tar({"notes.txt": b"hello"})), "node", "x", [])
 
 
 def _upload(url: str, data: bytes, digest: str) -> httpx.Response:

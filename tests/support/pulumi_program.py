@@ -11,9 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import re
 import runpy
-import shlex
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,7 +112,6 @@ class ProgramMocks(pulumi.runtime.Mocks):
         if args.typ == "docker:index/image:Image":
             digest = hashlib.sha256(state["imageName"].encode()).hexdigest()
             state["repoDigest"] = f"{state['imageName'].rsplit(':', 1)[0]}@sha256:{digest}"
-            _BUILT_AS[state["repoDigest"]] = state["imageName"]
         elif args.typ in ("command:remote:Command", "command:local:Command"):
             state["stdout"] = _command_stdout(args.name, state.get("create", ""))
             state["stderr"] = ""
@@ -126,25 +123,19 @@ class ProgramMocks(pulumi.runtime.Mocks):
         return {}
 
 
-# A registry's or the relay's reference -> the name the image was built under: both name one image ID.
-_BUILT_AS: dict[str, str] = {}
-
-
 def _command_stdout(name: str, create: str) -> str:
     if name.endswith("-healthy"):
         # A health gate prints the URL its server answers on (a blue-green copy's, the slot it took).
         return "http://127.0.0.1:8200\n"
     if name.endswith("-relay-key"):
         return "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIMockRelayKeyForTests relay\n"
-    if name.endswith("-push") and ("docker push" in create or "node_runtime.imagerelay import" in create):
-        # The image relay's reference for what was pushed or imported (components/image_distribution.py).
-        reference = "127.0.0.1:5550/node@sha256:" + hashlib.sha256(create.encode()).hexdigest()
-        _BUILT_AS[reference] = re.search(r"docker (?:save|tag) (\S+)", shlex.split(create)[-1])[1]
-        return reference + "\n"
+    if name.endswith("-push") and "docker push" in create:
+        # The image relay's reference for what was pushed (components/image_distribution.py).
+        return "127.0.0.1:5550/node@sha256:" + hashlib.sha256(create.encode()).hexdigest() + "\n"
     if name.endswith("-id") and "docker image inspect" in create:
-        # Every host holds the same image: its ID follows from the image, whichever name a host knows it by.
+        # Every host holds the same image: its ID follows from the reference alone.
         reference = create.rsplit(" ", 1)[-1].strip("'")
-        return "sha256:" + hashlib.sha256(_BUILT_AS.get(reference, reference).encode()).hexdigest() + "\n"
+        return "sha256:" + hashlib.sha256(reference.encode()).hexdigest() + "\n"
     return ""
 
 

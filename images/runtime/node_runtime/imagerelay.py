@@ -2,7 +2,6 @@
 and `docker pull` use, serving one directory, for the head's loopback.
 
     python3 -m node_runtime.imagerelay serve --port 5550 --root /data/vllm-dcu/image-relay
-    docker save IMAGE | python3 -m node_runtime.imagerelay import --root DIR --repository node --tag T --layers ...
     docker manifest inspect --verbose BASE | python3 -m node_runtime.imagerelay claim-base --root DIR
 
 The head pushes the node image to it; each worker pulls by digest through an ssh tunnel to its own
@@ -15,13 +14,6 @@ air-gapped DCU site needs no further binary or image, and the node image cannot 
 package manager there. It keeps what Docker's client needs: blobs by digest (HEAD, GET with
 Range), uploads (POST, PATCH, PUT with the digest checked, cross-repository mounts), manifests by
 tag or digest (the blobs they name must be present), errors in the registry's JSON shape.
-
-The head puts the node image in with `import`, not `docker push`: the push gzips every layer on one
-core each (262 s of a 389 s first bring-up for the 4 GB CPU image on 2 cores, bench/e2e/RESULTS.md),
-and cannot be told not to. `import` reads `docker save` and keeps each layer uncompressed, so a
-layer's digest is its diff ID: a later import knows the layers already here from `docker image
-inspect` alone and writes only the new ones; the workers' pulls move the same bytes as a stream
-would, and only the layers they lack.
 
 Storage: `blobs/sha256/<hex>` (manifests too, their media type beside in `<hex>.type`),
 `tags/<repository>/<tag>` holding a manifest digest, `uploads/<uuid>` while a blob arrives.
@@ -41,10 +33,9 @@ import json
 import os
 import re
 import sys
-import tarfile
 import uuid
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import typer
 from aiohttp import web
@@ -60,13 +51,6 @@ _ROUTES = [
 ]
 _TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 CHUNK = 1 << 20
-MANIFEST_V2 = "application/vnd.docker.distribution.manifest.v2+json"
-IMAGE_CONFIG = "application/vnd.docker.container.image.v1+json"
-UNCOMPRESSED_LAYER = "application/vnd.docker.image.rootfs.diff.tar"
-# Files of a `docker save` stream up to this size are kept in memory (configs, manifest.json, small layers).
-IN_MEMORY = 1 << 20
-# A layer this large that has the size of one of the image's layers already here is only hashed, not written.
-LARGE_LAYER = 16 << 20
 
 
 class RegistryError(Exception):
@@ -170,100 +154,6 @@ class Store:
             tag.with_name(tag.name + ".partial").write_text(digest)
             os.replace(tag.with_name(tag.name + ".partial"), tag)
         return digest
-
-
-class SameSizeNewLayer(Exception):
-    """A large layer of the size of one already here, hashed without being written, was new after all."""
-
-
-def _layer_tar(name: str) -> bool:
-    return name.endswith("/layer.tar") or name.startswith("blobs/sha256/")
-
-
-def import_saved(store: Store, saved: IO[bytes], name: str, tag: str, diff_ids: list[str], write_all: bool = False) -> str:
-    """Store the image of a `docker save` stream (Docker's legacy layout or OCI's) under `name:tag`, its layers
-    uncompressed; returns the manifest's digest. `diff_ids`: the image's (`docker image inspect`), to
-    know the layers already here before the stream names them (the legacy layout names them last).
-
-    A layer already here is not written again: in the OCI layout its path is its digest; in the legacy
-    one a large layer of the size of one of `diff_ids` already here is only hashed (SameSizeNewLayer if
-    it is new after all: import again with `write_all`)."""
-    stored_sizes = set()
-    for diff_id in diff_ids:
-        if (path := store.blob(diff_id)).is_file() and path.stat().st_size >= LARGE_LAYER:
-            stored_sizes.add(path.stat().st_size)
-    in_memory: dict[str, bytes] = {}
-    digests: dict[str, str] = {}  # a layer's path in the stream -> its digest
-    links: dict[str, str] = {}  # the legacy layout links a layer met twice to its first copy
-    with tarfile.open(fileobj=saved, mode="r|") as stream:
-        for member in stream:
-            if member.issym() or member.islnk():
-                links[member.name] = os.path.normpath(os.path.join(os.path.dirname(member.name), member.linkname)) \
-                    if member.issym() else member.linkname
-                continue
-            if not member.isfile():
-                continue
-            if member.size <= IN_MEMORY:
-                in_memory[member.name] = stream.extractfile(member).read()
-                continue
-            if not _layer_tar(member.name):
-                continue
-            if member.name.startswith("blobs/sha256/"):
-                digest = "sha256:" + member.name.removeprefix("blobs/sha256/")
-                if store.blob(digest).is_file():
-                    digests[member.name] = digest
-                    continue
-            if member.size >= LARGE_LAYER and member.size in stored_sizes and not write_all:
-                digests[member.name] = _hash(stream.extractfile(member))
-                if not store.blob(digests[member.name]).is_file():
-                    raise SameSizeNewLayer(f"{member.name} is new but has the size of a layer already stored")
-                continue
-            digests[member.name] = _write_blob(store, stream.extractfile(member))
-    try:
-        entry = json.loads(in_memory["manifest.json"])[0]
-        config = in_memory[entry["Config"]]
-        expected = json.loads(config)["rootfs"]["diff_ids"]
-    except (KeyError, IndexError, TypeError, ValueError) as error:
-        raise ValueError(f"stdin is not the `docker save` stream of one image: {error!r}") from None
-    layers = []
-    for path in entry["Layers"]:
-        while path in links:
-            path = links[path]
-        if path not in digests:
-            if path not in in_memory:
-                raise ValueError(f"the stream's manifest.json names {path}, which the stream does not hold")
-            digests[path] = _write_blob(store, in_memory[path])
-        layers.append({"mediaType": UNCOMPRESSED_LAYER, "size": _size(store, digests[path]), "digest": digests[path]})
-    if [layer["digest"] for layer in layers] != expected:
-        raise ValueError("the stream's layers are not those its image config names: was it changed on the way?")
-    manifest = {"schemaVersion": 2, "mediaType": MANIFEST_V2,
-                "config": {"mediaType": IMAGE_CONFIG, "size": len(config), "digest": _write_blob(store, config)},
-                "layers": layers}
-    return store.put_manifest(name, tag, json.dumps(manifest, indent=3).encode(), MANIFEST_V2)
-
-
-def _hash(source: IO[bytes]) -> str:
-    running = hashlib.sha256()
-    while chunk := source.read(CHUNK):
-        running.update(chunk)
-    return "sha256:" + running.hexdigest()
-
-
-def _write_blob(store: Store, source: IO[bytes] | bytes) -> str:
-    """Store a blob from a file or bytes (kept once if already here); returns its digest."""
-    upload_id = store.start_upload()
-    running = store.hashes[upload_id]
-    with store.upload(upload_id).open("wb") as out:
-        for chunk in [source] if isinstance(source, bytes) else iter(lambda: source.read(CHUNK), b""):
-            running.update(chunk)
-            out.write(chunk)
-    digest = "sha256:" + running.hexdigest()
-    store.finish_upload(upload_id, digest)
-    return digest
-
-
-def _size(store: Store, digest: str) -> int:
-    return store.blob(digest).stat().st_size
 
 
 def _error(error: RegistryError) -> web.Response:
@@ -396,30 +286,6 @@ def serve(
 ) -> None:
     """Serve the relay."""
     web.run_app(make_app(root), host=host, port=port, access_log=None, print=None)
-
-
-@app.command("import")
-def import_command(
-    root: Path = ROOT,
-    repository: str = typer.Option(..., help="Repository to tag the image in (the relay's: node)."),
-    tag: str = typer.Option(..., help="Tag to give it."),
-    layers: str = typer.Option(..., help="The image's diff IDs, comma-separated: docker image inspect "
-                                         "--format '{{join .RootFS.Layers \",\"}}' IMAGE"),
-    write_all: bool = typer.Option(False, help="Write every layer the stream holds (when an import without it says so)."),
-) -> None:
-    """Put the image of a `docker save` stream (stdin) in the relay, its layers uncompressed; prints its digest."""
-    if not re.fullmatch(_NAME, repository) or not _TAG.match(tag):
-        raise typer.BadParameter(f"{repository}:{tag} is not a repository and tag")
-    try:
-        digest = import_saved(Store(root), sys.stdin.buffer, repository, tag, [d for d in layers.split(",") if d],
-                              write_all=write_all)
-    except SameSizeNewLayer as error:
-        typer.echo(f"{error}: import again with --write-all", err=True)
-        raise typer.Exit(1) from None
-    except (ValueError, RegistryError) as error:
-        typer.echo(f"import of the node image into the relay failed: {error}", err=True)
-        raise typer.Exit(1) from None
-    typer.echo(digest)
 
 
 @app.command("claim-base")
