@@ -1,6 +1,8 @@
 import asyncio
 import json
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import aiohttp
 import pytest
@@ -10,9 +12,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from node_runtime.serving.gateway.config import RouteFile
 from node_runtime.serving.gateway.drain import replica_load
 from node_runtime.serving.gateway.errors import GatewayError
-from node_runtime.serving.gateway.generate import BatchGenerateRequest, GenerateRequest, parse
+from node_runtime.serving.gateway.generate import BatchGenerateRequest, GenerateRequest, generate, parse
 from node_runtime.serving.gateway.health import CHECK_TIMEOUT, UNANSWERED_PROBES_TO_LEAVE, check_replicas
+from node_runtime.serving.gateway.keys import Keys
 from node_runtime.serving.gateway.metrics import relabel_vllm_metrics
+from node_runtime.serving.gateway.openai_api import asked_tokens, forward
 from node_runtime.serving.gateway.replicas import Pools
 from node_runtime.serving.gateway.route_files import RouteFiles
 from node_runtime.serving.gateway.upstream import served_model
@@ -90,6 +94,105 @@ def test_pick_prefers_the_fewest_in_flight_and_breaks_ties_at_random():
     b.begin()  # all at 2: each tied replica is picked, none always
     picks = [pools.pick("units-pick").id for _ in range(300)]
     assert {picks.count(replica.id) for replica in (a, b, c)} <= set(range(60, 141)), picks
+
+
+def test_pick_weighs_max_tokens_by_the_speeds_it_measured_and_is_least_outstanding_until_then():
+    pools, (fast, slow) = _healthy_pools("units-cost", 2)
+    fast.measured(1.0, 100)  # 10 ms per token: only one replica known, so in-flight counts alone decide
+    picks = [pools.pick("units-cost", tokens=128).id for _ in range(200)]
+    assert {picks.count(replica.id) for replica in (fast, slow)} <= set(range(60, 141)), picks
+    slow.measured(2.0, 100)  # 20 ms per token: twice as slow
+    assert fast.seconds_per_token == 0.01 and slow.seconds_per_token == 0.02
+    assert {pools.pick("units-cost", tokens=128) for _ in range(50)} == {fast}  # a long request: the fast one
+    assert {pools.pick("units-cost") for _ in range(200)} == {fast, slow}  # no max_tokens: ties at random
+    fast.begin(), fast.begin(), fast.begin()  # 3 more in flight: a long request still waits for the fast one
+    assert pools.pick("units-cost", tokens=128) is fast
+    assert {pools.pick("units-cost", tokens=16) for _ in range(20)} == {slow}  # a short one loses little there
+    fast.begin(), fast.begin()  # 5 more (COST_WEIGHT 4, the usual request 128 tokens): the fast one is too busy
+    assert pools.pick("units-cost", tokens=128) is slow
+    assert pools.pick("units-cost", tokens=128, avoid=slow) is fast
+
+
+def test_equal_speeds_keep_least_outstanding_with_random_ties():
+    pools, (a, b, c) = _healthy_pools("units-cost-equal", 3)
+    for replica in (a, b, c):
+        replica.measured(0.64, 64)
+    a.begin()
+    assert {pools.pick("units-cost-equal", tokens=100).id for _ in range(100)} == {b.id, c.id}
+
+
+def test_a_replica_learns_its_speed_only_from_calls_answered_in_full():
+    pools, (replica,) = _healthy_pools("units-speed", 1)
+    replica.end(replica.begin())  # a failed call, or one whose max_tokens is not known: teaches nothing
+    assert replica.seconds_per_token is None
+    started = replica.begin()
+    time.sleep(0.05)
+    replica.end(started, tokens=10)
+    assert 0.005 <= replica.seconds_per_token < 0.05
+    first = replica.seconds_per_token
+    replica.measured(1.0, 10)  # 0.1 s per token: a moving average, not the last answer alone
+    assert first < replica.seconds_per_token < 0.1
+
+
+@pytest.mark.parametrize("payload, tokens", [
+    ({"max_tokens": 64}, 64), ({"max_completion_tokens": 32}, 32), ({}, None), ({"max_tokens": None}, None),
+    ({"max_tokens": True}, None), ({"max_tokens": "64"}, None), ({"max_tokens": 0}, None),
+])
+def test_the_tokens_a_request_asks_for(payload, tokens):
+    assert asked_tokens(payload) == tokens
+
+
+def test_the_gateway_times_each_answer_per_token_and_sends_long_requests_to_the_faster_replica():
+    async def scenario() -> None:
+        async def completions(request: web.Request) -> web.Response:
+            body = await request.json()
+            await asyncio.sleep(body["max_tokens"] * request.app["token_s"])
+            return web.json_response({"id": "cmpl-1", "object": "text_completion", "model": body["model"],
+                                      "choices": [{"index": 0, "text": " x", "finish_reason": "length"}],
+                                      "usage": {"prompt_tokens": 1, "completion_tokens": body["max_tokens"],
+                                                "total_tokens": body["max_tokens"] + 1}})
+
+        runners, routes = [], {}
+        for index, token_s in enumerate((0.002, 0.008)):
+            app = web.Application()
+            app["token_s"] = token_s
+            app.router.add_post("/v1/completions", completions)
+            runner = web.AppRunner(app)
+            await runner.setup()
+            port = free_ports(1)[0]
+            await web.TCPSite(runner, "127.0.0.1", port).start()
+            runners.append(runner)
+            routes[f"m/{index}"] = RouteFile(model="m", replica=f"m/{index}", url=f"http://127.0.0.1:{port}", node="n")
+        pools = Pools(["m"])
+        fast, slow = sorted(pools.apply(routes), key=lambda replica: replica.id)
+        for replica in (fast, slow):
+            pools.set_problem(replica, None)
+        try:
+            async with aiohttp.ClientSession() as session:
+                state = SimpleNamespace(config=SimpleNamespace(models=["m"], max_n=16), keys=Keys(None, {}, []),
+                                        pools=pools, client=session)
+
+                def scope(path: str) -> dict:
+                    return {"type": "http", "method": "POST", "path": path, "headers": [], "state": {}}
+
+                for _ in range(40):  # one at a time: least outstanding ties, at random, until both answered
+                    answer = await forward(state, scope("/v1/completions"), b'{"model": "m", "prompt": "x", "max_tokens": 10}')
+                    assert answer.status_code == 200
+                    if fast.seconds_per_token and slow.seconds_per_token:
+                        break
+                assert 0 < fast.seconds_per_token < slow.seconds_per_token
+                for _ in range(10):  # the guide's /generate is weighed by its max_tokens too
+                    asked = scope("/generate")
+                    answer = await generate(state, asked, b'{"prompt": "x", "max_tokens": 20}')
+                    assert answer.status_code == 200 and asked["state"]["replica"] == fast.id
+                asked = scope("/v1/chat/completions")  # a refusal (no messages) is answered at once and teaches nothing
+                with pytest.raises(GatewayError):
+                    await forward(state, asked, b'{"model": "m", "max_tokens": 10}')
+        finally:
+            for runner in runners:
+                await runner.cleanup()
+
+    asyncio.run(scenario())
 
 
 def test_a_model_without_a_healthy_replica_is_503_naming_each_problem():

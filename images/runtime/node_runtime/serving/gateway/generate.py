@@ -149,7 +149,8 @@ def refused(request: Sampling, prompt_field: str, where: str | None = None):
 async def complete(state: GatewayState, scope: dict, model: str, body: dict, request: Sampling,
                    where: str | None = None) -> dict:
     """One completion of the guide's `request`; `where`: which prompt of a batch."""
-    status, content = await post_upstream(state, scope, model, "/v1/completions", json.dumps(body).encode())
+    status, content = await post_upstream(state, scope, model, "/v1/completions", json.dumps(body).encode(),
+                                          request.max_tokens)
     if status != 200:
         raise refused(request, where or "prompt", where)(status, content)
     completion = json.loads(content)
@@ -164,7 +165,8 @@ async def generate(state: GatewayState, scope: dict, body: bytes) -> Response:
     completion_body = request.completion_body(model, request.prompt, stream=request.stream, usage=state.keys.required)
     if request.stream:
         return await pass_through(state, scope, model, "/v1/completions", json.dumps(completion_body).encode(),
-                                  stream=True, refused=refused(request, "prompt"), relay_usage=False)
+                                  stream=True, refused=refused(request, "prompt"), relay_usage=False,
+                                  tokens=request.max_tokens)
     completion = await complete(state, scope, model, completion_body, request)
     return identified(JSONResponse({"id": completion["id"], "model": model, **generation_result(completion)}), scope)
 

@@ -81,6 +81,15 @@ def asking_usage(payload: dict, body: bytes) -> tuple[bytes, bool]:
     return body, True  # not an object: vLLM refuses it, in its words
 
 
+def asked_tokens(payload: dict) -> int | None:
+    """The most tokens the request may generate, if it says (max_tokens; chat's newer max_completion_tokens)."""
+    for field in ("max_tokens", "max_completion_tokens"):
+        tokens = payload.get(field)
+        if isinstance(tokens, int) and not isinstance(tokens, bool) and tokens > 0:
+            return tokens
+    return None
+
+
 async def forward(state: GatewayState, scope: dict, body: bytes) -> Response:
     """POST /v1/completions and /v1/chat/completions: to the same path on a replica of the model."""
     path = scope["path"]
@@ -93,4 +102,5 @@ async def forward(state: GatewayState, scope: dict, body: bytes) -> Response:
     def refused(status: int, content: bytes) -> GatewayError:
         return rejection(status, content, prompt_field="messages" if path == CHAT else "prompt", sent=frozenset(payload))
 
-    return await pass_through(state, scope, model, path, body, stream=stream, refused=refused, relay_usage=relay_usage)
+    return await pass_through(state, scope, model, path, body, stream=stream, refused=refused, relay_usage=relay_usage,
+                              tokens=asked_tokens(payload))

@@ -6,6 +6,15 @@ the fewest of this worker's requests in flight, ties broken at random: the gatew
 are exact and current, where vLLM's metrics lag (bench/gateway/RESULTS.md weighs this against
 power of two choices).
 
+Once this worker has timed an answer from each replica of the pool, a request that says how many
+tokens it may generate (max_tokens) also weighs how slow each replica is: a replica slower than the
+fastest counts as busier by COST_WEIGHT x the extra time the request would take there, in units of
+the fastest replica's time for a request of the usual length. Equal replicas are picked as before;
+with one replica twice as slow, long requests stay off it unless the fast ones are clearly busier,
+and the slowest answers (p99) are no longer its long ones (bench/gateway/RESULTS.md, "cost-aware").
+Each replica's speed is learned from the answers this worker relays: seconds per requested token
+(the call's duration over its max_tokens), a moving average; nothing is configured.
+
 A replica whose route file goes away is draining: it gets no new request, and is forgotten once
 the requests it is answering (streams included) have ended.
 """
@@ -20,6 +29,14 @@ from node_runtime.serving.gateway.metrics import (
 )
 
 NOT_PROBED = "not checked yet"
+# How much a replica's extra time for a request weighs against calls in flight (see the docstring);
+# bench/gateway/balancing_policies.py measured 2-16: 4 keeps 97-99% of the throughput with one
+# replica twice as slow, and changes nothing with equal replicas.
+COST_WEIGHT = 4.0
+# Weight of the newest answer in a replica's seconds per token, and of the newest request in the
+# usual number of tokens asked for.
+SPEED_EWMA = 0.1
+TOKENS_EWMA = 0.01
 
 
 class Replica:
@@ -32,6 +49,7 @@ class Replica:
         self.problem: str | None = NOT_PROBED  # None while healthy
         self.unanswered_probes = 0  # health probes in a row that timed out (gateway.health)
         self.in_flight = self.requests = self.errors = 0
+        self.seconds_per_token: float | None = None  # learned from answered calls (measured); None: none yet
         self._in_flight = REPLICA_IN_FLIGHT.labels(self.model, self.id)
         self._latency = UPSTREAM_LATENCY.labels(self.model, self.id)
         self._answered = {}  # HTTP status -> its counter: .labels() is a locked lookup, this a dict get
@@ -51,13 +69,23 @@ class Replica:
         self._in_flight.inc()
         return time.perf_counter()
 
-    def end(self, started: float | None = None) -> None:
+    def end(self, started: float | None = None, tokens: int | None = None) -> None:
         """The call ended (answered to its last byte, or failed); its duration is measured from `started`
-        (None: not timed, as in a simulation of the pools)."""
+        (None: not timed, as in a simulation of the pools). `tokens`: the max_tokens of a call answered
+        in full (status 200), whose duration then teaches this replica's speed; None for any other."""
         self.in_flight -= 1
         self._in_flight.dec()
         if started is not None:
-            self._latency.observe(time.perf_counter() - started)
+            seconds = time.perf_counter() - started
+            self._latency.observe(seconds)
+            if tokens:
+                self.measured(seconds, tokens)
+
+    def measured(self, seconds: float, tokens: int) -> None:
+        """A call asking for at most `tokens` tokens was answered in full in `seconds`."""
+        per_token = seconds / tokens
+        known = self.seconds_per_token
+        self.seconds_per_token = per_token if known is None else known + SPEED_EWMA * (per_token - known)
 
     def answered(self, status: int) -> None:
         counter = self._answered.get(status)
@@ -84,9 +112,29 @@ class Pools:
         self.replicas: dict[str, Replica] = {}  # routed, by replica id
         self.draining: list[Replica] = []
         self._healthy: dict[str, list[Replica]] = {model: [] for model in models}
+        self._usual_tokens: dict[str, float] = {}  # per model: the max_tokens requests usually ask for
+        self.cost_weight = COST_WEIGHT
 
-    def pick(self, model: str, avoid: Replica | None = None) -> Replica:
-        """The healthy replica of `model` with the fewest calls in flight (not `avoid`); 503 if none."""
+    def pick(self, model: str, avoid: Replica | None = None, tokens: int | None = None) -> Replica:
+        """The healthy replica of `model` with the fewest calls in flight (not `avoid`); 503 if none.
+
+        `tokens`: the request's max_tokens, when it says: once every candidate's speed is known, a
+        slower replica counts as busier by the time the request would lose there (see the docstring)."""
+        if tokens:
+            usual = self._usual_tokens.get(model)
+            usual = self._usual_tokens[model] = tokens if usual is None else usual + TOKENS_EWMA * (tokens - usual)
+            fastest = None
+            for replica in self._healthy[model]:
+                speed = replica.seconds_per_token
+                if replica is avoid:
+                    continue
+                if speed is None:
+                    break
+                if fastest is None or speed < fastest:
+                    fastest = speed
+            else:
+                if fastest:  # 0 only if timed at nothing
+                    return self._pick_by_cost(model, avoid, self.cost_weight * tokens / (fastest * usual), fastest)
         best, ties = None, 0
         for replica in self._healthy[model]:
             if replica is avoid:
@@ -99,6 +147,21 @@ class Pools:
                     best = replica
         if best is None:
             raise self._unavailable(model)
+        return best
+
+    def _pick_by_cost(self, model: str, avoid: Replica | None, weight: float, fastest: float) -> Replica:
+        """The replica with the least in_flight + weight x (its seconds per token - the fastest's), ties at random."""
+        best, best_score, ties = None, 0.0, 0
+        for replica in self._healthy[model]:
+            if replica is avoid:
+                continue
+            score = replica.in_flight + weight * (replica.seconds_per_token - fastest)
+            if best is None or score < best_score:
+                best, best_score, ties = replica, score, 1
+            elif score == best_score:
+                ties += 1
+                if random.random() * ties < 1:
+                    best = replica
         return best
 
     def _unavailable(self, model: str) -> GatewayError:

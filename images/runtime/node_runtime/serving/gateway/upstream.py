@@ -113,13 +113,14 @@ FAILED = (asyncio.TimeoutError, aiohttp.ClientError)
 
 
 async def _send(state: GatewayState, scope: dict, model: str, path: str, body: bytes,
-                failed: Replica | None = None) -> tuple[Replica, aiohttp.ClientResponse, float]:
-    """POST to the least busy healthy replica (not `failed`), once more to another if it never answered:
-    the answer's head, its replica counted in flight until the caller calls end(started) with the third value."""
+                failed: Replica | None = None, tokens: int | None = None) -> tuple[Replica, aiohttp.ClientResponse, float]:
+    """POST to the least busy healthy replica (not `failed`; `tokens`, the request's max_tokens, weighs
+    the replicas' speeds: Pools.pick), once more to another if it never answered: the answer's head,
+    its replica counted in flight until the caller calls end(started) with the third value."""
     headers = {"content-type": "application/json", "accept": header(scope, b"accept") or "*/*",
                "x-request-id": request_id(scope)}
     while True:
-        replica = state.pools.pick(model, avoid=failed)
+        replica = state.pools.pick(model, avoid=failed, tokens=tokens)
         scope["state"]["replica"] = replica.id  # for the access log
         started = replica.begin()
         try:
@@ -148,11 +149,15 @@ class AnswerCut(Exception):
 
 
 async def _whole_answer(replica: Replica, response: aiohttp.ClientResponse, started: float, *,
-                        pools_left_when_cut: Pools | None = None) -> bytes:
-    """The answer's body, its call ended however it goes. Cut short, it is a failed call, or with
-    `pools_left_when_cut` AnswerCut: the replica leaves its pool and the caller may send the call again."""
+                        tokens: int | None = None, pools_left_when_cut: Pools | None = None) -> bytes:
+    """The answer's body, its call ended however it goes; a 200 read in full teaches the replica's speed
+    for `tokens` (see Replica.end). Cut short, it is a failed call, or with `pools_left_when_cut`
+    AnswerCut: the replica leaves its pool and the caller may send the call again."""
+    whole = False
     try:
-        return await response.read()
+        content = await response.read()
+        whole = response.status == 200
+        return content
     except aiohttp.ClientPayloadError as cut:
         if pools_left_when_cut is None:
             raise call_failed(replica, cut, answer_started=True) from None
@@ -163,24 +168,25 @@ async def _whole_answer(replica: Replica, response: aiohttp.ClientResponse, star
         raise call_failed(replica, broken, answer_started=True) from None
     finally:
         response.release()
-        replica.end(started)
+        replica.end(started, tokens if whole else None)
 
 
-async def _send_for_whole_answer(state: GatewayState, scope: dict, model: str, path: str,
-                                 body: bytes) -> tuple[aiohttp.ClientResponse, bytes]:
+async def _send_for_whole_answer(state: GatewayState, scope: dict, model: str, path: str, body: bytes,
+                                 tokens: int | None = None) -> tuple[aiohttp.ClientResponse, bytes]:
     """A non-streaming call and its whole answer, sent once more to another replica when the first
     breaks off its answer: nothing of the answer has reached the client yet."""
-    replica, response, started = await _send(state, scope, model, path, body)
+    replica, response, started = await _send(state, scope, model, path, body, tokens=tokens)
     try:
-        return response, await _whole_answer(replica, response, started, pools_left_when_cut=state.pools)
+        return response, await _whole_answer(replica, response, started, tokens=tokens, pools_left_when_cut=state.pools)
     except AnswerCut:
-        replica, response, started = await _send(state, scope, model, path, body, failed=replica)
-        return response, await _whole_answer(replica, response, started)
+        replica, response, started = await _send(state, scope, model, path, body, failed=replica, tokens=tokens)
+        return response, await _whole_answer(replica, response, started, tokens=tokens)
 
 
-async def post_upstream(state: GatewayState, scope: dict, model: str, path: str, body: bytes) -> tuple[int, bytes]:
-    """POST a JSON body to a replica of `model`: its status and whole body."""
-    response, content = await _send_for_whole_answer(state, scope, model, path, body)
+async def post_upstream(state: GatewayState, scope: dict, model: str, path: str, body: bytes,
+                        tokens: int | None = None) -> tuple[int, bytes]:
+    """POST a JSON body to a replica of `model` (`tokens`: its max_tokens, if known): its status and whole body."""
+    response, content = await _send_for_whole_answer(state, scope, model, path, body, tokens)
     return response.status, content
 
 
@@ -208,8 +214,9 @@ class RelayedStream(StreamingResponse):
     """
 
     def __init__(self, keys, replica: Replica, response: aiohttp.ClientResponse, headers: dict[str, str],
-                 started: float, relay_usage: bool):
+                 started: float, relay_usage: bool, tokens: int | None = None):
         self.keys, self.replica, self.upstream, self.started = keys, replica, response, started
+        self.tokens = tokens if response.status == 200 else None  # a whole 200 stream teaches the replica's speed
         self.relay_usage = relay_usage
         self.usage: tuple[int, int] | None = None
         self.finished = False
@@ -268,24 +275,26 @@ class RelayedStream(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             self.upstream.release()
-            self.replica.end(self.started)
+            self.replica.end(self.started, self.tokens if self.finished else None)
 
 
 async def pass_through(state: GatewayState, scope: dict, model: str, path: str, body: bytes, *, stream: bool,
-                       refused: Callable[[int, bytes], GatewayError] | None = None, relay_usage: bool = True) -> Response:
+                       refused: Callable[[int, bytes], GatewayError] | None = None, relay_usage: bool = True,
+                       tokens: int | None = None) -> Response:
     """Forward the client's bytes; a stream (SSE) goes back chunk by chunk as it comes.
 
     A non-streaming answer is relayed in one piece: same bytes, fewer writes than a stream. An answer
     other than 200 becomes `refused(status, its body)` when given. `relay_usage`: see RelayedStream.
+    `tokens`: the request's max_tokens, if it says (Pools.pick weighs the replicas' speeds by it).
     """
-    replica, response, started = await _send(state, scope, model, path, body)
+    replica, response, started = await _send(state, scope, model, path, body, tokens=tokens)
     if response.status != 200 and refused is not None:
         raise refused(response.status, await _whole_answer(replica, response, started))
     headers = {name: value for name, value in response.headers.items() if name.lower() not in NOT_RELAYED}
     headers["x-request-id"] = request_id(scope)
     if stream:
-        return RelayedStream(state.keys, replica, response, headers, started, relay_usage)
-    content = await _whole_answer(replica, response, started)
+        return RelayedStream(state.keys, replica, response, headers, started, relay_usage, tokens)
+    content = await _whole_answer(replica, response, started, tokens=tokens)
     if response.status == 200 and state.keys.required:  # see Keys.charge
         try:
             usage = usage_of(json.loads(content))
