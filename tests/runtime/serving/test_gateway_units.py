@@ -17,7 +17,7 @@ from node_runtime.serving.gateway.health import CHECK_TIMEOUT, UNANSWERED_PROBES
 from node_runtime.serving.gateway.keys import Keys
 from node_runtime.serving.gateway.metrics import relabel_vllm_metrics
 from node_runtime.serving.gateway.openai_api import asked_tokens, forward
-from node_runtime.serving.gateway.replicas import Pools
+from node_runtime.serving.gateway.replicas import SPEED_TRUSTED_S, Pools
 from node_runtime.serving.gateway.route_files import RouteFiles
 from node_runtime.serving.gateway.upstream import served_model
 from tests.support.processes import free_ports
@@ -111,6 +111,18 @@ def test_pick_weighs_max_tokens_by_the_speeds_it_measured_and_is_least_outstandi
     fast.begin(), fast.begin()  # 5 more (COST_WEIGHT 4, the usual request 128 tokens): the fast one is too busy
     assert pools.pick("units-cost", tokens=128) is slow
     assert pools.pick("units-cost", tokens=128, avoid=slow) is fast
+
+
+def test_a_speed_not_measured_lately_is_unknown_until_that_replica_answers_again():
+    pools, (fast, slow) = _healthy_pools("units-stale", 2)
+    fast.measured(1.0, 100)
+    slow.measured(2.0, 100)
+    assert {pools.pick("units-stale", tokens=128) for _ in range(50)} == {fast}
+    slow.speed_measured_at -= SPEED_TRUSTED_S + 1  # kept idle since: judged by in-flight counts alone again
+    picks = [pools.pick("units-stale", tokens=128).id for _ in range(200)]
+    assert {picks.count(replica.id) for replica in (fast, slow)} <= set(range(60, 141)), picks
+    slow.measured(2.0, 100)  # timed anew, and still slow
+    assert {pools.pick("units-stale", tokens=128) for _ in range(50)} == {fast}
 
 
 def test_equal_speeds_keep_least_outstanding_with_random_ties():

@@ -13,7 +13,10 @@ the fastest replica's time for a request of the usual length. Equal replicas are
 with one replica twice as slow, long requests stay off it unless the fast ones are clearly busier,
 and the slowest answers (p99) are no longer its long ones (bench/gateway/RESULTS.md, "cost-aware").
 Each replica's speed is learned from the answers this worker relays: seconds per requested token
-(the call's duration over its max_tokens), a moving average; nothing is configured.
+(the call's duration over its max_tokens), a moving average; nothing is configured. A speed not
+measured for SPEED_TRUSTED_S counts as unknown, so the pool is least outstanding again until that
+replica has answered anew: a replica kept idle because it was slow (warming up, briefly overloaded)
+is timed again instead of being judged forever by its old answers.
 
 A replica whose route file goes away is draining: it gets no new request, and is forgotten once
 the requests it is answering (streams included) have ended.
@@ -37,6 +40,7 @@ COST_WEIGHT = 4.0
 # usual number of tokens asked for.
 SPEED_EWMA = 0.1
 TOKENS_EWMA = 0.01
+SPEED_TRUSTED_S = 30.0
 
 
 class Replica:
@@ -50,6 +54,7 @@ class Replica:
         self.unanswered_probes = 0  # health probes in a row that timed out (gateway.health)
         self.in_flight = self.requests = self.errors = 0
         self.seconds_per_token: float | None = None  # learned from answered calls (measured); None: none yet
+        self.speed_measured_at = 0.0  # time.monotonic() of the last answer that taught it
         self._in_flight = REPLICA_IN_FLIGHT.labels(self.model, self.id)
         self._latency = UPSTREAM_LATENCY.labels(self.model, self.id)
         self._answered = {}  # HTTP status -> its counter: .labels() is a locked lookup, this a dict get
@@ -86,6 +91,11 @@ class Replica:
         per_token = seconds / tokens
         known = self.seconds_per_token
         self.seconds_per_token = per_token if known is None else known + SPEED_EWMA * (per_token - known)
+        self.speed_measured_at = time.monotonic()
+
+    def trusted_speed(self, now: float) -> float | None:
+        """Its seconds per token, if measured within SPEED_TRUSTED_S of `now` (time.monotonic())."""
+        return self.seconds_per_token if now - self.speed_measured_at <= SPEED_TRUSTED_S else None
 
     def answered(self, status: int) -> None:
         counter = self._answered.get(status)
@@ -118,16 +128,16 @@ class Pools:
     def pick(self, model: str, avoid: Replica | None = None, tokens: int | None = None) -> Replica:
         """The healthy replica of `model` with the fewest calls in flight (not `avoid`); 503 if none.
 
-        `tokens`: the request's max_tokens, when it says: once every candidate's speed is known, a
-        slower replica counts as busier by the time the request would lose there (see the docstring)."""
+        `tokens`: the request's max_tokens, when it says: while every candidate's speed is known and
+        recent, a slower replica counts as busier by the time the request would lose there (see the docstring)."""
         if tokens:
             usual = self._usual_tokens.get(model)
             usual = self._usual_tokens[model] = tokens if usual is None else usual + TOKENS_EWMA * (tokens - usual)
-            fastest = None
+            fastest, now = None, time.monotonic()
             for replica in self._healthy[model]:
-                speed = replica.seconds_per_token
                 if replica is avoid:
                     continue
+                speed = replica.trusted_speed(now)
                 if speed is None:
                     break
                 if fastest is None or speed < fastest:
