@@ -184,6 +184,9 @@ class Model(_Model):
     # How a settings change reaches the replicas: one at a time (rolling), or — for one replica —
     # a new copy on spare devices of the same node, switched to once healthy (blueGreen).
     update_strategy: Literal["rolling", "blueGreen"] = "rolling"
+    # How the gateway picks a replica: fewest calls in flight, or (replicas of unequal speed) also each
+    # replica's measured speed against the request's max_tokens (node_runtime.serving.gateway.replicas).
+    balancing: Literal["leastOutstanding", "speedAware"] = "leastOutstanding"
     # Per replica. 0 = auto: with one replica every device of the cluster (TP = a node's devices,
     # PP = the nodes), with several one whole node each.
     tensor_parallel_size: int = Field(default=0, ge=0)

@@ -237,7 +237,10 @@ def gateway_config(plan: Plan) -> dict[str, Any]:
     """The gateway's NODE_RUNTIME_GATEWAY_CONFIG (docs/runtime-contract.md). Static: the replicas reach
     the gateway through route files (components/model_server.py), so a replica change never restarts it."""
     config = plan.config
+    # Only when a model asks: a stack that does not keeps the gateway's config, and its container, as they were.
+    speed_aware = [model.name for model in plan.models if model.model.balancing == "speedAware"]
     return {
+        **({"speed_aware_models": speed_aware} if speed_aware else {}),
         "host": config.api_bind_address,
         "port": config.api_port,
         "workers": config.gateway_workers,

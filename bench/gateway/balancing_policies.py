@@ -72,7 +72,7 @@ def make_policies():
 
 
 def worker_pools(engines: int) -> Pools:
-    pools = Pools([MODEL])
+    pools = Pools([MODEL], speed_aware=[MODEL])  # the cost-aware policy's; the others pick without max_tokens
     routes = {f"{MODEL}/{i}": RouteFile(model=MODEL, replica=f"{MODEL}/{i}", url=f"http://10.0.0.{i + 1}:8100", node=f"n{i}")
               for i in range(engines)}
     for replica in pools.apply(routes):

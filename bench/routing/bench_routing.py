@@ -7,7 +7,9 @@ Paths to the replicas, measured side by side:
   - direct: the load generator's clients split evenly over the engines (each gets its slots' worth):
     the measured sum of the replicas' capacities, the ideal no router can beat;
   - gateway: `node-runtime gateway` (its real CLI and config, one pool of replicas from a routes
-    directory), least outstanding requests;
+    directory), least outstanding requests (the default);
+  - gateway speedAware: the same with the model's `balancing: speedAware`: least outstanding weighed
+    by each replica's measured speed against the request's max_tokens;
   - vllm-router power_of_two and round_robin: vLLM's router (`pip install vllm-router`, Rust);
   - gateway -> vllm-router power_of_two: the gateway with one replica, vllm-router, which balances:
     what balancing in vllm-router behind our gateway would cost (one more hop).
@@ -46,13 +48,14 @@ from tests.support.processes import (
 HERE = Path(__file__).resolve().parent
 
 MODEL = "sim"
-GATEWAY = "gateway least-outstanding"
+GATEWAY = "gateway"
+SPEED_AWARE = "gateway speedAware"  # the model's balancing: speedAware
 VLLM_ROUTER_POLICIES = ("power_of_two", "round_robin")
 P2C = "vllm-router power_of_two"
 TWO_HOPS = f"gateway -> {P2C}"  # the gateway with one replica: vllm-router, which balances
-PATHS = ("direct", GATEWAY, *(f"vllm-router {policy}" for policy in VLLM_ROUTER_POLICIES), TWO_HOPS)
+PATHS = ("direct", GATEWAY, SPEED_AWARE, *(f"vllm-router {policy}" for policy in VLLM_ROUTER_POLICIES), TWO_HOPS)
 WIDTH = max(len(path) for path in PATHS)  # of the report's first column
-SHORT = dict(zip(PATHS, ("direct", "gateway", "vr p2c", "vr rr", "gateway -> vr p2c")))  # the summary's columns
+SHORT = dict(zip(PATHS, ("direct", "gateway", "gw speedAware", "vr p2c", "vr rr", "gateway -> vr p2c")))  # the summary's columns
 
 
 @dataclass(frozen=True)
@@ -134,14 +137,15 @@ def start_engines(engines: list[Engine], one_process_each: bool, work: Path) -> 
     return started
 
 
-def start_gateway_pool(urls: list[str], ray_address: str, work: Path) -> tuple[Process, str]:
+def start_gateway_pool(urls: list[str], ray_address: str, work: Path, speed_aware: bool = False) -> tuple[Process, str]:
     """`node-runtime gateway` as the container runs it: one model, a route file per replica."""
     port = free_ports(1)[0]
     routes_dir = work / f"routes-{port}"
     routes_dir.mkdir()
     for replica, url in enumerate(urls):
         write_route(routes_dir, MODEL, f"{MODEL}-{replica}", url)
-    return start_gateway(gateway_config(port, [MODEL], routes_dir, ray_address), work, api_key=None), f"http://127.0.0.1:{port}"
+    config = {**gateway_config(port, [MODEL], routes_dir, ray_address), "speed_aware_models": [MODEL] if speed_aware else []}
+    return start_gateway(config, work, api_key=None), f"http://127.0.0.1:{port}"
 
 
 def start_vllm_router(binary: str, replica_set: ReplicaSet, policy: str, work: Path) -> tuple[Process, str]:
@@ -251,11 +255,11 @@ def summary(headlines: dict[tuple[int, str], dict[str, Headline]]) -> None:
         print(f"{f'{n} x {speed}':>12}" + "".join(f"{cell:>24}" for cell in cells))
 
 
-def targets(headlines: dict[tuple[int, str], dict[str, Headline]]) -> None:
-    """The issue's targets for the gateway, each with its figure."""
-    print(f"\n== targets ({GATEWAY}; throughput in tokens/s, ratios to vllm-router the medians of per-round ratios)")
+def targets(headlines: dict[tuple[int, str], dict[str, Headline]], gateway_path: str) -> None:
+    """The issue's targets for one of the gateway's paths, each with its figure."""
+    print(f"\n== targets ({gateway_path}; throughput in tokens/s, ratios to vllm-router the medians of per-round ratios)")
     for (n, speed), by_path in headlines.items():
-        gateway = by_path[GATEWAY]
+        gateway = by_path[gateway_path]
         routers = {path: ratio for path, ratio in gateway.versus.items() if path.startswith("vllm-router")}
         line = f"{f'{n} x {speed}':>12}: {gateway.of_capacity:.3f} of capacity (>= 0.95: {verdict(gateway.of_capacity >= 0.95)})"
         if routers:
@@ -266,11 +270,11 @@ def targets(headlines: dict[tuple[int, str], dict[str, Headline]]) -> None:
         uniform = headlines.get((n, "uniform"))
         if speed != "mixed" or uniform is None:
             continue
-        gateway = by_path[GATEWAY].p99_ms
-        growth = gateway / uniform[GATEWAY].p99_ms
+        gateway = by_path[gateway_path].p99_ms
+        growth = gateway / uniform[gateway_path].p99_ms
         line = f"{f'{n} x mixed':>12}: p99 {gateway:.0f} ms, {growth:.2f} x uniform's (<= 1.2: {verdict(growth <= 1.2)};"
         line += " the others: " + ", ".join(f"{path} {by_path[path].p99_ms / uniform[path].p99_ms:.2f}"
-                                           for path in by_path if path != GATEWAY and path in uniform) + ")"
+                                           for path in by_path if path != gateway_path and path in uniform) + ")"
         routers = {path: gateway / h.p99_ms for path, h in by_path.items() if path.startswith("vllm-router")}
         if routers:
             line += "; " + ", ".join(f"{ratio:.2f} x {path}'s" for path, ratio in routers.items())
@@ -322,7 +326,7 @@ def main() -> None:
         with harness.helper_processes("nrr-") as work:
             engines = start_engines([*fast, slow], args.engine_process_each, work)
             ray_address = None
-            if GATEWAY in paths or TWO_HOPS in paths:
+            if {GATEWAY, SPEED_AWARE, TWO_HOPS} & set(paths):
                 _, ray_address = start_ray_head(work)
             for replica_set in replica_sets:
                 for path in paths:
@@ -331,8 +335,9 @@ def main() -> None:
                     if path == "direct":
                         replica_set.routes[path] = ([engine.url for engine in replica_set.engines], [])
                         continue
-                    if path == GATEWAY:
-                        router, url = start_gateway_pool([engine.url for engine in replica_set.engines], ray_address, work)
+                    if path in (GATEWAY, SPEED_AWARE):
+                        router, url = start_gateway_pool([engine.url for engine in replica_set.engines], ray_address, work,
+                                                         speed_aware=path == SPEED_AWARE)
                     elif path == TWO_HOPS:
                         router, url = start_gateway_pool(replica_set.routes[P2C][0], ray_address, work)
                     else:
@@ -350,8 +355,9 @@ def main() -> None:
               f" engines {'one process each' if args.engine_process_each else 'in one process'}")
         headlines = {(len(rs.engines), rs.speed): report(rs, mean_tokens) for rs in replica_sets}
         summary(headlines)
-        if all(GATEWAY in by_path for by_path in headlines.values()):
-            targets(headlines)
+        for gateway_path in (GATEWAY, SPEED_AWARE):
+            if all(gateway_path in by_path for by_path in headlines.values()):
+                targets(headlines, gateway_path)
 
 if __name__ == "__main__":
     main()

@@ -197,9 +197,10 @@ def test_no_change_reapply_touches_nothing(e2e, deployed):
 
 
 def test_requests_spread_over_the_replicas(e2e, deployed):
-    """Least outstanding keeps every replica equally busy, whatever its speed: here the three engines
-    share two cores, so one may answer twice as fast as another and rightly get twice the requests, but
-    each must hold about a third of the calls in flight (Little's law: calls x time per call)."""
+    """The issue's proof: 300 requests through the gateway, each of the three replicas gets 20-47% of
+    them (read from /metrics), and each holds about a third of the calls in flight (Little's law: calls x
+    time per call). The replicas run alike here: the e2e's extraEnv keeps vLLM's model runner in its
+    engine process (cluster.py), without which the three engines on two cores stalled one another."""
     def delta(now: dict[str, float], then: dict[str, float]) -> dict[str, float]:
         return {replica: value - then.get(replica, 0) for replica, value in now.items()}
 
@@ -212,9 +213,7 @@ def test_requests_spread_over_the_replicas(e2e, deployed):
     assert set(sent) == set(busy) == {f"{MODEL_NAME}/{k}" for k in range(REPLICAS)} and sum(sent.values()) >= 300
     shares = {replica: count / sum(sent.values()) for replica, count in sent.items()}
     busy_shares = {replica: seconds / sum(busy.values()) for replica, seconds in busy.items()}
-    # Every replica serves real traffic; how much follows its speed (in one run the head's replica answered
-    # 4-6x faster per call than the workers' and got 73/12/15% of the calls, 22/40/37% of the time).
-    assert all(share >= 0.05 for share in shares.values()), shares
+    assert all(0.20 <= share <= 0.47 for share in shares.values()), (shares, busy_shares)
     assert all(0.20 <= share <= 0.47 for share in busy_shares.values()), (busy_shares, shares)
     e2e.timings["replica_shares"] = shares
     e2e.timings["replica_busy_shares"] = busy_shares

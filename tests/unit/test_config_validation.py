@@ -86,6 +86,7 @@ BAD_CONFIGS = [
     ("model-id-malformed", _set("models[0].id", "a/b/c"), "vllm-dcu:models[0].id", "owner/name"),
     ("revision-empty", _set("models[0].revision", ""), "vllm-dcu:models[0].revision", "at least 1"),
     ("unknown-source", _set("models[0].source", "s3"), "vllm-dcu:models[0].source", "huggingface"),
+    ("unknown-balancing", _set("models[0].balancing", "roundRobin"), "vllm-dcu:models[0].balancing", "speedAware"),
     ("local-without-path", _set("models[0].source", "local"), "vllm-dcu:models[0]", "localPath"),
     ("local-path-relative", _add_model(source="local", localPath="models/x", servedName="x"), "vllm-dcu:models[1].localPath", "absolute"),
     ("local-path-on-hub-source", _set("models[0].localPath", "/srv/llama"), "vllm-dcu:models[0]", "only for source 'local'"),

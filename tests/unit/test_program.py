@@ -4,8 +4,12 @@ import json
 
 import pytest
 
+from components.config import parse_stack_config
+from components.plan import make_plan
+from components.specs import gateway_config
 from tests.support.pulumi_program import REPO, ProgramRun, run_program, stack_config
 from tests.unit.conftest import STACK_FILES
+from tests.unit.test_placement import _stack
 
 CONTAINER = "docker:index/container:Container"
 REMOTE = "command:remote:Command"
@@ -175,6 +179,7 @@ def test_server_spec_and_gateway_config(dev):
     assert config["models"] == ["Llama-3.1-70B-Instruct"]
     assert config["routes_dir"] == "/data/vllm-dcu/gateway/routes"
     assert config["port"] == 8000 and config["workers"] == 4
+    assert "speed_aware_models" not in config, "balancing: leastOutstanding unless a model says speedAware"
     route = dev.named("vllm-server-Llama-3.1-70B-Instruct-0-routed")
     assert route.inputs["connection"]["host"] == "10.0.0.11"
     assert '"url": "http://127.0.0.1:8100"' in route.inputs["create"]
@@ -266,3 +271,10 @@ def test_preflight_makes_every_bind_mount_source(dev):
     for host in ("dcu-head", "dcu-worker-1"):
         script = dev.named(f"vllm-{host}-preflight").inputs["create"]
         assert "mkdir -p /data/models /data/vllm-dcu/ray" in script
+
+
+def test_a_model_set_to_speed_aware_balancing_tells_the_gateway_and_only_that_model():
+    plan = make_plan(parse_stack_config(_stack([8, 8], [{"tensorParallelSize": 4, "replicas": 2, "balancing": "speedAware"},
+                                                        {"id": "Qwen/Qwen2.5-7B-Instruct", "tensorParallelSize": 4}])))
+    config = gateway_config(plan)
+    assert len(config["models"]) == 2 and config["speed_aware_models"] == [config["models"][0]]

@@ -41,6 +41,7 @@ def _error_for(data: dict) -> str:
     ({"routes_dir": "relative/routes"}, "CONFIG: routes_dir: String should match pattern"),
     ({"servers": []}, "CONFIG: servers: unknown field"),
     ({"request_timeout_s": 0}, "CONFIG: request_timeout_s: Input should be greater than 0"),
+    ({"speed_aware_models": ["gpt-9"]}, "speed_aware_models: gpt-9 not among models"),
 ])
 def test_bad_config_names_the_key(change, named):
     data = {**json.loads(_gateway_examples()[0]), **change}

@@ -17,7 +17,7 @@ from node_runtime.serving.gateway.health import CHECK_TIMEOUT, UNANSWERED_PROBES
 from node_runtime.serving.gateway.keys import Keys
 from node_runtime.serving.gateway.metrics import relabel_vllm_metrics
 from node_runtime.serving.gateway.openai_api import asked_tokens, forward
-from node_runtime.serving.gateway.replicas import SPEED_TRUSTED_S, Pools
+from node_runtime.serving.gateway.replicas import ALIKE_WITHIN, STALE_CALLS, Pools
 from node_runtime.serving.gateway.route_files import RouteFiles
 from node_runtime.serving.gateway.upstream import served_model
 from tests.support.processes import free_ports
@@ -76,8 +76,8 @@ def _route(model: str, index: int, port: int = 8100) -> RouteFile:
     return RouteFile(model=model, replica=f"{model}/{index}", url=f"http://10.0.0.{index + 1}:{port}", node=f"node-{index}")
 
 
-def _healthy_pools(model: str, count: int) -> tuple[Pools, list]:
-    pools = Pools([model])
+def _healthy_pools(model: str, count: int, speed_aware: bool = False) -> tuple[Pools, list]:
+    pools = Pools([model], speed_aware=[model] if speed_aware else [])
     replicas = pools.apply({route.replica: route for route in (_route(model, i) for i in range(count))})
     for replica in replicas:
         pools.set_problem(replica, None)
@@ -97,7 +97,7 @@ def test_pick_prefers_the_fewest_in_flight_and_breaks_ties_at_random():
 
 
 def test_pick_weighs_max_tokens_by_the_speeds_it_measured_and_is_least_outstanding_until_then():
-    pools, (fast, slow) = _healthy_pools("units-cost", 2)
+    pools, (fast, slow) = _healthy_pools("units-cost", 2, speed_aware=True)
     fast.measured(1.0, 100)  # 10 ms per token: only one replica known, so in-flight counts alone decide
     picks = [pools.pick("units-cost", tokens=128).id for _ in range(200)]
     assert {picks.count(replica.id) for replica in (fast, slow)} <= set(range(60, 141)), picks
@@ -113,24 +113,45 @@ def test_pick_weighs_max_tokens_by_the_speeds_it_measured_and_is_least_outstandi
     assert pools.pick("units-cost", tokens=128, avoid=slow) is fast
 
 
-def test_a_speed_not_measured_lately_is_unknown_until_that_replica_answers_again():
-    pools, (fast, slow) = _healthy_pools("units-stale", 2)
+def test_speeds_weigh_nothing_for_a_model_left_least_outstanding():
+    pools, (fast, slow) = _healthy_pools("units-not-speed-aware", 2)
     fast.measured(1.0, 100)
-    slow.measured(2.0, 100)
-    assert {pools.pick("units-stale", tokens=128) for _ in range(50)} == {fast}
-    slow.speed_measured_at -= SPEED_TRUSTED_S + 1  # kept idle since: judged by in-flight counts alone again
-    picks = [pools.pick("units-stale", tokens=128).id for _ in range(200)]
+    slow.measured(4.0, 100)
+    picks = [pools.pick("units-not-speed-aware", tokens=128).id for _ in range(200)]
     assert {picks.count(replica.id) for replica in (fast, slow)} <= set(range(60, 141)), picks
-    slow.measured(2.0, 100)  # timed anew, and still slow
-    assert {pools.pick("units-stale", tokens=128) for _ in range(50)} == {fast}
 
 
-def test_equal_speeds_keep_least_outstanding_with_random_ties():
-    pools, (a, b, c) = _healthy_pools("units-cost-equal", 3)
-    for replica in (a, b, c):
-        replica.measured(0.64, 64)
+def test_a_speed_not_measured_while_the_others_answered_is_forgotten_until_that_replica_answers_again():
+    pools, (fast, slow) = _healthy_pools("units-stale", 2, speed_aware=True)
+    slow.measured(2.0, 100)  # 20 ms per token: its first answer, slow (cold)
+    fast.measured(1.0, 100)  # 10 ms per token
+    assert {pools.pick("units-stale", tokens=100) for _ in range(50)} == {fast}
+    # The fast one keeps answering: within STALE_CALLS of its usual calls (1 s each) the slow one's speed stands.
+    fast.speed_measured_at = slow.speed_measured_at + STALE_CALLS * 1.0 - 0.1
+    assert pools.pick("units-stale", tokens=100) is fast and slow.seconds_per_token == 0.02
+    fast.speed_measured_at += 0.2  # older than that: forgotten, and the pool is least outstanding again
+    picks = [pools.pick("units-stale", tokens=100).id for _ in range(200)]
+    assert slow.seconds_per_token is None
+    assert {picks.count(replica.id) for replica in (fast, slow)} <= set(range(60, 141)), picks
+    slow.measured(1.0, 100)  # timed anew, now as fast: its cold answer is not averaged in
+    assert slow.seconds_per_token == 0.01
+    fast.begin()
+    assert {pools.pick("units-stale", tokens=100) for _ in range(50)} == {slow}
+
+
+def test_speeds_alike_keep_least_outstanding_with_random_ties():
+    pools, (a, b, c) = _healthy_pools("units-cost-equal", 3, speed_aware=True)
+    a.measured(0.64, 64)
+    b.measured(0.64 * ALIKE_WITHIN * 0.99, 64)  # just slow enough to still count as alike
+    c.measured(0.70, 64)
     a.begin()
     assert {pools.pick("units-cost-equal", tokens=100).id for _ in range(100)} == {b.id, c.id}
+    b.begin(), c.begin()  # all at 1
+    picks = [pools.pick("units-cost-equal", tokens=100).id for _ in range(300)]
+    assert {picks.count(replica.id) for replica in (a, b, c)} <= set(range(60, 141)), picks
+    b.measured(6.4, 64)  # one answer at 0.1 s per token pulls its average past ALIKE_WITHIN x the fastest
+    assert b.seconds_per_token > ALIKE_WITHIN * a.seconds_per_token
+    assert {pools.pick("units-cost-equal", tokens=100).id for _ in range(100)} == {a.id, c.id}
 
 
 def test_a_replica_learns_its_speed_only_from_calls_answered_in_full():
@@ -175,7 +196,7 @@ def test_the_gateway_times_each_answer_per_token_and_sends_long_requests_to_the_
             await web.TCPSite(runner, "127.0.0.1", port).start()
             runners.append(runner)
             routes[f"m/{index}"] = RouteFile(model="m", replica=f"m/{index}", url=f"http://127.0.0.1:{port}", node="n")
-        pools = Pools(["m"])
+        pools = Pools(["m"], speed_aware=["m"])
         fast, slow = sorted(pools.apply(routes), key=lambda replica: replica.id)
         for replica in (fast, slow):
             pools.set_problem(replica, None)
@@ -193,7 +214,9 @@ def test_the_gateway_times_each_answer_per_token_and_sends_long_requests_to_the_
                     if fast.seconds_per_token and slow.seconds_per_token:
                         break
                 assert 0 < fast.seconds_per_token < slow.seconds_per_token
-                for _ in range(10):  # the guide's /generate is weighed by its max_tokens too
+                # The guide's /generate is weighed by its max_tokens too (3 calls: well within STALE_CALLS, after
+                # which the slow replica's speed would be forgotten and it timed again).
+                for _ in range(3):
                     asked = scope("/generate")
                     answer = await generate(state, asked, b'{"prompt": "x", "max_tokens": 20}')
                     assert answer.status_code == 200 and asked["state"]["replica"] == fast.id

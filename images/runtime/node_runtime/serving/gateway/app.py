@@ -40,7 +40,7 @@ def create_app(config: GatewayConfig, api_key: str | None = None, internal_key: 
     config's `api_keys`; `internal_key`: what the gateway sends the replicas."""
     state = GatewayState(
         config=config, keys=Keys(api_key or None, api_keys or {}, config.api_keys, os.environ.get(MULTIPROCESS_DIR_ENV)),
-        pools=Pools(config.models), route_files=RouteFiles(config.routes_dir, config.models),
+        pools=Pools(config.models, speed_aware=config.speed_aware_models), route_files=RouteFiles(config.routes_dir, config.models),
         cluster=ClusterMonitor(config.cluster, ttl_s=cluster_ttl_s), endpoints=tuple(route.path for route in ROUTES),
     )
     state.health = Shared(partial(status.health_report, state))

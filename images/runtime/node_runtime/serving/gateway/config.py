@@ -42,6 +42,7 @@ class GatewayConfig(_Strict):
     port: int = Field(8000, ge=1, le=65535)
     workers: int = Field(1, ge=1, le=64)
     models: list[str] = Field(min_length=1, description="the served names clients ask for, in config order")
+    speed_aware_models: list[str] = Field([], description="those whose pick also weighs each replica's speed")
     routes_dir: str = Field(pattern=r"^/", description="absolute; one route file per replica, watched")
     cluster: ClusterSpec
     max_batch_size: int = Field(64, ge=1)
@@ -66,6 +67,8 @@ class GatewayConfig(_Strict):
 
     @model_validator(mode="after")
     def _keys_name_served_models(self) -> "GatewayConfig":
+        if unknown := [model for model in self.speed_aware_models if model not in self.models]:
+            raise ValueError(f"speed_aware_models: {', '.join(unknown)} not among models ({', '.join(self.models)})")
         names = [key.name for key in self.api_keys]
         repeated = sorted({name for name in names if names.count(name) > 1})
         if repeated:
