@@ -26,7 +26,8 @@ answers were slow get 98% of 300 requests, all within 4 s, while its equals sat 
 It is not the default: speeds measured from answers are noisy where replicas compete for shared
 resources, and the pick follows the noise. In the simulated cluster (three CPU engines on two
 cores), five rounds of 300 requests gave 67/22/12, 29/46/26, 27/63/11, 4/52/44 and 47/21/32% of the
-calls; least outstanding keeps every replica near a third there (tests/e2e).
+calls; least outstanding, on the same kind of cluster, 28-38% of the calls to each replica in every
+round (tests/e2e asserts 20-47%).
 
 A replica whose route file goes away is draining: it gets no new request, and is forgotten once
 the requests it is answering (streams included) have ended.
