@@ -8,9 +8,9 @@ power of two choices).
 
 For a model whose stack sets `balancing: speedAware` (replicas of unequal speed: mixed cards, a node
 that also serves another model), once this worker has timed an answer from each replica of the pool,
-a request that says how many tokens it may generate (max_tokens) also weighs how slow each replica is: a replica slower than the
-fastest counts as busier by COST_WEIGHT x the extra time the request would take there, in units of
-the fastest replica's time for a request of the usual length. Replicas within ALIKE_WITHIN of the
+a request that says how many tokens it may generate (max_tokens) also weighs how slow each replica
+is: a replica slower than the fastest counts as busier by COST_WEIGHT x the extra time the request
+would take there, in units of the fastest replica's time for a request of the usual length. Replicas within ALIKE_WITHIN of the
 fastest count as equal and are picked as before (in an e2e run of three equal replicas, the measured
 speeds' noise alone gave one replica 19% of the calls, the others 43 and 38%);
 with one replica twice as slow, long requests stay off it unless the fast ones are clearly busier,
@@ -35,6 +35,8 @@ the requests it is answering (streams included) have ended.
 
 import random
 import time
+from operator import attrgetter
+from typing import Callable
 
 from node_runtime.serving.gateway.config import RouteFile
 from node_runtime.serving.gateway.errors import GatewayError
@@ -43,6 +45,7 @@ from node_runtime.serving.gateway.metrics import (
 )
 
 NOT_PROBED = "not checked yet"
+IN_FLIGHT = attrgetter("in_flight")  # least outstanding's score
 # How much a replica's extra time for a request weighs against calls in flight (see the docstring);
 # bench/gateway/balancing_policies.py measured 2-16: 4 keeps 97-99% of the throughput with one
 # replica twice as slow, and changes nothing with equal replicas.
@@ -146,19 +149,25 @@ class Pools:
             usual = self._usual_tokens.get(model)
             usual = self._usual_tokens[model] = tokens if usual is None else usual + TOKENS_EWMA * (tokens - usual)
             if fastest := self._fastest_recent_speed(model, avoid, usual):
-                return self._pick_by_cost(model, avoid, self.cost_weight * tokens / (fastest * usual), fastest)
-        best, ties = None, 0
+                return self._least(model, avoid, self._cost(self.cost_weight * tokens / (fastest * usual), fastest))
+        best = self._least(model, avoid, IN_FLIGHT)
+        if best is None:
+            raise self._unavailable(model)
+        return best
+
+    def _least(self, model: str, avoid: Replica | None, score: Callable[[Replica], float]) -> Replica | None:
+        """The candidate (a healthy replica of `model`, not `avoid`) with the least score, ties at random."""
+        best, best_score, ties = None, 0.0, 0
         for replica in self._healthy[model]:
             if replica is avoid:
                 continue
-            if best is None or replica.in_flight < best.in_flight:
-                best, ties = replica, 1
-            elif replica.in_flight == best.in_flight:
+            value = score(replica)
+            if best is None or value < best_score:
+                best, best_score, ties = replica, value, 1
+            elif value == best_score:
                 ties += 1
                 if random.random() * ties < 1:  # each of the tied replicas kept with chance 1/ties
                     best = replica
-        if best is None:
-            raise self._unavailable(model)
         return best
 
     def _fastest_recent_speed(self, model: str, avoid: Replica | None, usual: float) -> float | None:
@@ -182,24 +191,17 @@ class Pools:
                 replica.seconds_per_token, recent = None, False
         return fastest if recent else None
 
-    def _pick_by_cost(self, model: str, avoid: Replica | None, weight: float, fastest: float) -> Replica:
-        """The replica with the least in_flight + weight x (its seconds per token - the fastest's), ties at random;
-        a replica within ALIKE_WITHIN of the fastest adds nothing to its calls in flight."""
-        best, best_score, ties = None, 0.0, 0
+    @staticmethod
+    def _cost(weight: float, fastest: float) -> Callable[[Replica], float]:
+        """A replica's in_flight + weight x (its seconds per token - the fastest's); a replica within
+        ALIKE_WITHIN of the fastest adds nothing to its calls in flight."""
         alike = ALIKE_WITHIN * fastest
-        for replica in self._healthy[model]:
-            if replica is avoid:
-                continue
-            score = replica.in_flight
-            if replica.seconds_per_token > alike:
-                score += weight * (replica.seconds_per_token - fastest)
-            if best is None or score < best_score:
-                best, best_score, ties = replica, score, 1
-            elif score == best_score:
-                ties += 1
-                if random.random() * ties < 1:
-                    best = replica
-        return best
+
+        def score(replica: Replica) -> float:
+            slower = replica.seconds_per_token > alike
+            return replica.in_flight + weight * (replica.seconds_per_token - fastest) if slower else replica.in_flight
+
+        return score
 
     def _unavailable(self, model: str) -> GatewayError:
         replicas = self.routed(model)
