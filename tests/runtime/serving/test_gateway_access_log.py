@@ -14,13 +14,14 @@ pytestmark = pytest.mark.slow
 KEY = "access-log-key-0123456789"
 
 
-def _access_lines(process, since: int) -> list[dict]:
-    """The JSON lines the gateway wrote after `since` characters of its log (uvicorn's own lines are not JSON)."""
+def _access_lines(process, since: int, request_ids: tuple[str, ...] | None = None) -> list[dict]:
+    """The JSON lines the gateway wrote after `since` characters of its log (uvicorn's own lines are not JSON),
+    those of `request_ids` only if given."""
     found = []
     for line in process.log_path.read_text()[since:].splitlines():
         if line.startswith("{"):
             found.append(json.loads(line))
-    return found
+    return [line for line in found if request_ids is None or line["request_id"] in request_ids]
 
 
 @pytest.fixture
@@ -42,20 +43,23 @@ def logging_gateway(routes_dir, ray_head, work_dir):
 
 def test_every_request_is_one_line_saying_who_what_where_and_how_long(logging_gateway):
     url, process = logging_gateway(100)
-    since = len(process.log_path.read_text())
-    auth = {"Authorization": f"Bearer {KEY}", "X-Request-Id": "logged-1"}
-    answer = httpx.post(url + "/generate", json={"prompt": "Hello", "max_tokens": 3}, headers=auth, timeout=60)
+    auth = {"Authorization": f"Bearer {KEY}"}
+    answer = httpx.post(url + "/generate", json={"prompt": "Hello", "max_tokens": 3}, timeout=60,
+                        headers={**auth, "X-Request-Id": "logged-1"})
     assert answer.status_code == 200
-    with httpx.stream("POST", url + "/v1/completions", headers=auth, timeout=60,
+    with httpx.stream("POST", url + "/v1/completions", headers={**auth, "X-Request-Id": "logged-2"}, timeout=60,
                       json={"model": MODEL_NAME, "prompt": "Hello", "max_tokens": 4, "stream": True, "ignore_eos": True}) as stream:
         assert stream.status_code == 200 and stream.read()
-    assert httpx.post(url + "/generate", json={"prompt": "x"}, timeout=60).status_code == 401
-    lines = eventually(lambda: (found := _access_lines(process, since)) and len(found) == 3 and found, timeout=10,
+    assert httpx.post(url + "/generate", json={"prompt": "x"}, headers={"X-Request-Id": "logged-3"}, timeout=60).status_code == 401
+    # By request id: start_gateway's readiness check (a 401) is logged as it ends, which may be after it was answered.
+    ids = ("logged-1", "logged-2", "logged-3")
+    lines = eventually(lambda: (found := _access_lines(process, 0, ids)) and len(found) == 3 and found, timeout=10,
                        what="three access lines")
     # One line each, written by whichever gateway worker answered: in the order the workers wrote them.
     [generated] = [line for line in lines if line["endpoint"] == "/generate" and line["status"] == 200]
     [streamed] = [line for line in lines if line["endpoint"] == "/v1/completions"]
     [refused] = [line for line in lines if line["status"] == 401]
+    assert (streamed["request_id"], refused["request_id"]) == ("logged-2", "logged-3")
     assert set(generated) == {"time", "request_id", "key", "method", "endpoint", "model", "replica", "status",
                               "latency_ms", "prompt_tokens", "completion_tokens"}
     assert generated["request_id"] == "logged-1" and generated["key"] == "team-a" and generated["endpoint"] == "/generate"

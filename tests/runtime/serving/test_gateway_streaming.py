@@ -11,6 +11,7 @@ import threading
 import time
 
 import httpx
+import openai
 import pytest
 
 from node_runtime.serving.gateway.generation_routes import read_body
@@ -24,6 +25,7 @@ RELEASE = threading.Event()
 HUNG_UP = threading.Event()
 HOLD_S = 5.0
 NEVER_PROBED = "127.0.0.1:1"  # a Ray address: no /health is asked of these gateways
+KEY = "stream-key-0123456789"
 
 
 def sse(payload: str) -> bytes:
@@ -32,7 +34,8 @@ def sse(payload: str) -> bytes:
 
 async def pausing_upstream(scope, receive, send):
     """vLLM's streaming shape; model "held" waits for RELEASE after its first event, "broken" dies there,
-    "silent" (streaming or not) answers nothing more and notes when its client, the gateway, hangs up."""
+    "silent" (streaming or not) answers nothing more and notes when its client, the gateway, hangs up,
+    "lingering" sends its usage and last event but keeps its end of the connection open until then."""
     if scope["type"] == "lifespan":
         while (await receive())["type"] != "lifespan.shutdown":
             await send({"type": "lifespan.startup.complete"})
@@ -50,6 +53,11 @@ async def pausing_upstream(scope, receive, send):
     await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
     await send({"type": "http.response.body", "body": sse('{"choices": [{"text": "first"}]}'), "more_body": True})
     if model == "silent":
+        await note_hang_up(receive)
+        return
+    if model == "lingering":
+        usage = '{"choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 3, "total_tokens": 4}}'
+        await send({"type": "http.response.body", "body": sse(usage) + sse("[DONE]"), "more_body": True})
         await note_hang_up(receive)
         return
     if model == "broken":
@@ -91,6 +99,21 @@ def stream_gateway(stream_routes):
     gateway_port = free_ports(1)[0]
     config = gateway_config(gateway_port, ["held", "broken", "silent"], stream_routes, NEVER_PROBED, request_timeout_s=30)
     gateway = ThreadServer(create_app(GatewayConfig.model_validate(config)), gateway_port, "/v1/models")
+    yield gateway.url
+    gateway.stop()
+
+
+@pytest.fixture(scope="module")
+def keyed_stream_gateway(shaped_upstream, tmp_path_factory):
+    """With a key, so that the gateway counts each stream's tokens."""
+    from node_runtime.serving.gateway.app import create_app
+    from node_runtime.serving.gateway.config import GatewayConfig
+
+    routes = tmp_path_factory.mktemp("keyed-routes")
+    write_route(routes, "lingering", "lingering/0", shaped_upstream)
+    gateway_port = free_ports(1)[0]
+    config = gateway_config(gateway_port, ["lingering"], routes, NEVER_PROBED, request_timeout_s=30)
+    gateway = ThreadServer(create_app(GatewayConfig.model_validate(config), api_key=KEY), gateway_port, "/v1/models")
     yield gateway.url
     gateway.stop()
 
@@ -150,6 +173,24 @@ def test_a_client_that_leaves_a_stream_is_hung_up_on_upstream(stream_gateway):
                       json={"model": "silent", "prompt": "x", "stream": True}, timeout=30) as response:
         assert next(response.iter_raw()) == sse('{"choices": [{"text": "first"}]}')
     assert HUNG_UP.wait(10), "the model server never saw the gateway hang up"
+
+
+def test_a_stream_left_at_its_last_event_is_answered_and_charged_in_full(keyed_stream_gateway):
+    """The openai client hangs up as soon as it reads [DONE], which may be before the replica closes its
+    end (here it never does): the client had the whole answer, so it is a 200 and its tokens count."""
+    HUNG_UP.clear()
+    client = openai.OpenAI(base_url=keyed_stream_gateway + "/v1", api_key=KEY, max_retries=0)
+    chunks = list(client.completions.create(model="lingering", prompt="x", max_tokens=3, stream=True))
+    assert [chunk.choices[0].text for chunk in chunks] == ["first"]  # the usage the client did not ask for is kept back
+    assert HUNG_UP.wait(10), "the model server never saw the gateway hang up"
+    deadline, requests = time.monotonic() + 10, {}
+    while not requests and time.monotonic() < deadline:  # noted when the gateway's request ends, after the client's
+        families = metric_families(keyed_stream_gateway)
+        requests = {sample.labels["status"]: sample.value for sample in families["gateway_requests"].samples
+                    if sample.name.endswith("_total") and sample.labels["model"] == "lingering"}
+    tokens = {sample.labels["kind"]: sample.value for sample in families["gateway_key_tokens"].samples
+              if sample.name.endswith("_total") and sample.labels["model"] == "lingering"}
+    assert requests == {"200": 1.0} and tokens == {"prompt": 1.0, "completion": 3.0}
 
 
 def test_a_killed_worker_is_replaced_and_its_request_no_longer_in_flight(stream_routes, work_dir):

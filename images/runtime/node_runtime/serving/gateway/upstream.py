@@ -60,6 +60,7 @@ def upstream_session(request_timeout_s: float, internal_key: str | None) -> aioh
 
 # Longer names are cut in error messages: a client's 1 MB `model` is not echoed back.
 SHOWN_NAME = 80
+LAST_EVENT = b"data: [DONE]\n\n"  # how vLLM ends every OpenAI stream
 
 
 def served_model(models: list[str] | tuple[str, ...], model: str | None) -> str:
@@ -211,6 +212,10 @@ class RelayedStream(StreamingResponse):
     With keys, the gateway asks every stream for its usage (stream_options.include_usage) and takes the
     tokens from the event that carries it; unless the client asked for it too (`relay_usage`), that
     event (the one with no choices) is not relayed, so the client gets the stream it asked for.
+
+    The stream is whole once the replica sends its last event: it is charged and counted then, before
+    that event goes, because a client that has it may hang up before the replica's end of the
+    connection closes (the openai client does), and Starlette then cancels the relay.
     """
 
     def __init__(self, keys, replica: Replica, response: aiohttp.ClientResponse, headers: dict[str, str],
@@ -222,6 +227,7 @@ class RelayedStream(StreamingResponse):
         self.finished = False
         self.state: dict = {}
         self._held = b""  # a chunk naming usage that ended mid-event, until the event's end comes
+        self._end = b""  # the stream's last bytes so far, to see LAST_EVENT split over chunks
         super().__init__(self._chunks(), status_code=response.status, headers=headers)
 
     async def _chunks(self):
@@ -229,9 +235,14 @@ class RelayedStream(StreamingResponse):
             async for chunk in self.upstream.content.iter_any():
                 if self._held or b'"usage"' in chunk:  # only the usage event has the key as such
                     chunk = self._with_usage_noted(chunk)
+                self._end = self._end[-len(LAST_EVENT):] + chunk[-len(LAST_EVENT):]
+                if self._end.endswith(LAST_EVENT):
+                    self._finish()
                 if chunk:
                     yield chunk
         except (aiohttp.ClientError, asyncio.TimeoutError) as broken:
+            if self.finished:  # cut after its last event: the client lost nothing
+                return
             self.replica.failed("stream_broken")
             self.state["status"] = 502
             log.warning("the stream from replica %s of '%s' was cut mid-answer (%s): the client's connection is dropped",
@@ -239,9 +250,13 @@ class RelayedStream(StreamingResponse):
             raise StreamCut() from None
         if self._held:
             yield self._held
-        self.finished = True
-        if self.usage is not None:
-            self.keys.charge(self.scope, *self.usage)
+        self._finish()
+
+    def _finish(self) -> None:
+        if not self.finished:
+            self.finished = True
+            if self.usage is not None:
+                self.keys.charge(self.scope, *self.usage)
 
     def _with_usage_noted(self, chunk: bytes) -> bytes:
         """What to relay of `chunk`: whole SSE events (a part of one held until its end comes), the
