@@ -2,6 +2,7 @@
 cluster, for each way the node image reaches the workers (imageTransfer: stream, relay), side by side.
 
     .venv/bin/python -m bench.e2e.bench_e2e [--transfer stream --transfer relay] [--replicas N]   # as root
+        [--link RATE] [--first-bring-up-only]
 
 Same stack and applier as tests/e2e (three network namespaces with their own sshd and Docker engine,
 the real Pulumi program applied through tests/e2e/apply.py), on the air-gapped tests' own subnet
@@ -9,7 +10,9 @@ the real Pulumi program applied through tests/e2e/apply.py), on the air-gapped t
 image step (the head's relay/push and the workers' fetch/stream and image ID, from the applier's
 log), and the bytes each worker received on its link. The runtime change is made in a copy of the
 recipes, never in the working tree; the harness's own build (on its builder) and load onto the head
-are reported apart, as a real head builds in place.
+are reported apart, as a real head builds in place. `--link` shapes every host's link, both ways, to
+RATE (tc tbf, e.g. 250mbit): the head's then carries what all workers receive, as a head's uplink does
+(the harness's load onto the head crosses it too, in the harness's column).
 """
 
 from __future__ import annotations
@@ -76,15 +79,21 @@ class Measure:
         return row
 
 
-def run(transfer: str, replicas: int) -> tuple[list[dict], float | None]:
+def run(transfer: str, replicas: int, link: str | None, first_only: bool) -> tuple[list[dict], float | None]:
     with simulated_site(3, private_dirs=[HOST_ROOT], log_name=f"apply-{transfer}.log", copy_recipes=True) as site, \
             mock.patch.object(image_distribution, "PROJECT_DIR", site.project):
         head = site.hosts[0]
+        if link:
+            for host in site.hosts:
+                site.cluster.sim.shape(host, rate=link)
         build_tiny_llama(site.on_host(head, HOST_ROOT, MODEL_SOURCE))
         config = {**stack_config(site.cluster, site.base_image), "imageTransfer": transfer}
         config["models"][0]["replicas"] = replicas
         measure = Measure(site, config, {"sshPrivateKey": site.cluster.sim.key.read_text()})
         measure.step("(a) first bring-up", first_token=True)
+        if first_only:
+            site.applier.destroy()
+            return measure.rows, None
         # A change to the runtime package only, in the recipes' copy.
         marker = site.project / "images/runtime/node_runtime/_bench_change.py"
         marker.write_text(f'"""A change to the runtime package only (bench/e2e)."""\nCHANGE = "{uuid.uuid4()}"\n')
@@ -104,10 +113,13 @@ def main() -> None:
     parser = harness.parser(__doc__)
     parser.add_argument("--transfer", action="append", choices=("stream", "relay"))
     parser.add_argument("--replicas", type=int, default=3, help="replicas of the tiny model (the e2e stack: 3)")
+    parser.add_argument("--link", help="every host's link shaped to this rate (tc tbf), e.g. 250mbit")
+    parser.add_argument("--first-bring-up-only", action="store_true", help="measure (a) only")
     options = parser.parse_args()
     with harness.report():
-        results = {transfer: run(transfer, options.replicas) for transfer in options.transfer or ["stream", "relay"]}
-        print(f"\n{options.replicas} replica(s)\n")
+        results = {transfer: run(transfer, options.replicas, options.link, options.first_bring_up_only)
+                   for transfer in options.transfer or ["stream", "relay"]}
+        print(f"\n{options.replicas} replica(s), links {options.link or 'unshaped'}\n")
         print("| transfer | step | apply s | to first token s | image step s | harness build / build+load s "
               "| MB received per worker | resources changed |")
         print("|---|---|---|---|---|---|---|---|")
