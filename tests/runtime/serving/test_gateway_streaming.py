@@ -17,7 +17,7 @@ import pytest
 from node_runtime.serving.gateway.generation_routes import read_body
 
 from tests.support.processes import (
-    ThreadServer, free_ports, gateway_config, gateway_with_two_workers, gateway_workers, metric_families, metric_values, paused,
+    ThreadServer, eventually, free_ports, gateway_config, gateway_with_two_workers, gateway_workers, metric_families, metric_values, paused,
     write_route,
 )
 
@@ -183,14 +183,17 @@ def test_a_stream_left_at_its_last_event_is_answered_and_charged_in_full(keyed_s
     chunks = list(client.completions.create(model="lingering", prompt="x", max_tokens=3, stream=True))
     assert [chunk.choices[0].text for chunk in chunks] == ["first"]  # the usage the client did not ask for is kept back
     assert HUNG_UP.wait(10), "the model server never saw the gateway hang up"
-    deadline, requests = time.monotonic() + 10, {}
-    while not requests and time.monotonic() < deadline:  # noted when the gateway's request ends, after the client's
-        families = metric_families(keyed_stream_gateway)
-        requests = {sample.labels["status"]: sample.value for sample in families["gateway_requests"].samples
-                    if sample.name.endswith("_total") and sample.labels["model"] == "lingering"}
-    tokens = {sample.labels["kind"]: sample.value for sample in families["gateway_key_tokens"].samples
-              if sample.name.endswith("_total") and sample.labels["model"] == "lingering"}
-    assert requests == {"200": 1.0} and tokens == {"prompt": 1.0, "completion": 3.0}
+
+    def lingering(families: dict, family: str, label: str) -> dict:
+        return {sample.labels[label]: sample.value for sample in families[family].samples
+                if sample.name.endswith("_total") and sample.labels["model"] == "lingering"}
+
+    # Noted when the gateway's request ends, which may be after the client's.
+    families = eventually(lambda: (found := metric_families(keyed_stream_gateway))
+                          and lingering(found, "gateway_requests", "status") and found,
+                          timeout=10, what="the stream counted in /metrics")
+    assert lingering(families, "gateway_requests", "status") == {"200": 1.0}
+    assert lingering(families, "gateway_key_tokens", "kind") == {"prompt": 1.0, "completion": 3.0}
 
 
 def test_a_killed_worker_is_replaced_and_its_request_no_longer_in_flight(stream_routes, work_dir):
