@@ -91,22 +91,25 @@ def run(transfer: str, replicas: int, link: str | None, first_only: bool) -> tup
         config["models"][0]["replicas"] = replicas
         measure = Measure(site, config, {"sshPrivateKey": site.cluster.sim.key.read_text()})
         measure.step("(a) first bring-up", first_token=True)
-        if first_only:
-            site.applier.destroy()
-            return measure.rows, None
-        # A change to the runtime package only, in the recipes' copy.
-        marker = site.project / "images/runtime/node_runtime/_bench_change.py"
-        marker.write_text(f'"""A change to the runtime package only (bench/e2e)."""\nCHANGE = "{uuid.uuid4()}"\n')
-        measure.step("(b) runtime package changed", first_token=True)
-        measure.step("(c) no change", first_token=False)
-        runtime_layer = None
-        if transfer == "relay":
-            layers = list(site.relay_layers(head, HOST_ROOT, f"{DATA_ROOT}/image-relay").values())
-            if len(layers) == 2:
-                first, second = layers
-                runtime_layer = sum(size for digest, size in second.items() if digest not in first) / 1e6
+        runtime_layer = None if first_only else measure_changes(site, measure, transfer)
         site.applier.destroy()
         return measure.rows, runtime_layer
+
+
+def measure_changes(site, measure: Measure, transfer: str) -> float | None:
+    """Steps (b) and (c); returns the runtime layer's MB as the relay holds it (None when streamed)."""
+    # A change to the runtime package only, in the recipes' copy.
+    marker = site.project / "images/runtime/node_runtime/_bench_change.py"
+    marker.write_text(f'"""A change to the runtime package only (bench/e2e)."""\nCHANGE = "{uuid.uuid4()}"\n')
+    measure.step("(b) runtime package changed", first_token=True)
+    measure.step("(c) no change", first_token=False)
+    if transfer != "relay":
+        return None
+    layers = list(site.relay_layers(site.hosts[0], HOST_ROOT, f"{DATA_ROOT}/image-relay").values())
+    if len(layers) != 2:
+        return None
+    first, second = layers
+    return sum(size for digest, size in second.items() if digest not in first) / 1e6
 
 
 def main() -> None:
